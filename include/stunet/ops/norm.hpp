@@ -1,0 +1,3 @@
+#pragma once
+// Being written; see issue 2.
+#include "stunet/core/tensor.hpp"

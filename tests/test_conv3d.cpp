@@ -1,0 +1,2 @@
+// Filled by its owner; see tests/testing.hpp for the shared helpers.
+#include "testing.hpp"
