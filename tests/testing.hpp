@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "stunet/stunet.hpp"
+#include "stunet/core/tensor.hpp"
 
 namespace stunet::testing {
 
@@ -51,14 +53,23 @@ inline double max_rel_diff(const Tensor& a, const Tensor& ref) {
   return max_abs_diff(a, ref) / std::max(scale, 1e-300);
 }
 
-/// Checks the analytic gradient of f at `inputs` against central finite
+/// Result of a finite-difference probe: the worst relative error over the
+/// probed elements, and where it was.
+struct GradientError {
+  double worst = 0;
+  std::size_t input = 0, element = 0;
+  double analytic = 0, numeric = 0;
+};
+
+/// Compares the analytic gradient of f at `inputs` with central finite
 /// differences, in float64. f maps the inputs to any tensor y; the check
 /// projects y on a fixed random direction R (so every output element
 /// matters): analytic = J^T R from y.backward(R), numeric = d<f(x), R>/dx_i.
 /// Inputs must be float64 leaves with requires_grad set. At most
 /// `max_elements` entries per input are probed (chosen with a fixed seed).
-inline void check_gradients(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
-                            double eps = 1e-6, double tol = 1e-6, std::size_t max_elements = 300) {
+/// The error is |numeric - analytic| / max(1, |numeric|).
+inline GradientError gradient_error(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                    std::vector<Tensor> inputs, double eps = 1e-6, std::size_t max_elements = 300) {
   for (auto& x : inputs) {
     REQUIRE(x.dtype() == DType::f64);
     REQUIRE(x.requires_grad());
@@ -78,6 +89,7 @@ inline void check_gradients(const std::function<Tensor(const std::vector<Tensor>
     return s;
   };
   std::mt19937_64 pick(42);
+  GradientError result;
   for (std::size_t k = 0; k < inputs.size(); ++k) {
     Tensor& x = inputs[k];
     REQUIRE_MESSAGE(x.grad().defined(), "input " << k << " received no gradient");
@@ -90,9 +102,6 @@ inline void check_gradients(const std::function<Tensor(const std::vector<Tensor>
       std::shuffle(idx.begin(), idx.end(), pick);
       idx.resize(max_elements);
     }
-    double worst = 0;
-    std::size_t worst_i = 0;
-    double worst_num = 0;
     for (std::size_t i : idx) {
       const double saved = p[i];
       p[i] = saved + eps;
@@ -102,16 +111,22 @@ inline void check_gradients(const std::function<Tensor(const std::vector<Tensor>
       p[i] = saved;
       const double numeric = (fp - fm) / (2 * eps);
       const double err = std::abs(numeric - analytic[i]) / std::max(1.0, std::abs(numeric));
-      if (err > worst) {
-        worst = err;
-        worst_i = i;
-        worst_num = numeric;
-      }
+      if (err > result.worst) result = {err, k, i, analytic[i], numeric};
     }
-    CHECK_MESSAGE(worst <= tol, "input " << k << " (shape " << fmt::format("{}", x.shape()) << "): element "
-                                         << worst_i << " analytic " << analytic[worst_i] << " vs numeric "
-                                         << worst_num << " (rel err " << worst << ")");
   }
+  return result;
+}
+
+/// CHECKs that gradient_error(...) stays within tol, reporting the worst
+/// element otherwise.
+inline void check_gradients(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
+                            double eps = 1e-6, double tol = 1e-6, std::size_t max_elements = 300) {
+  std::vector<Shape> shapes;
+  for (const auto& x : inputs) shapes.push_back(x.shape());
+  GradientError e = gradient_error(f, std::move(inputs), eps, max_elements);
+  CHECK_MESSAGE(e.worst <= tol, "input " << e.input << " (shape " << fmt::format("{}", shapes[e.input])
+                                         << "): element " << e.element << " analytic " << e.analytic
+                                         << " vs numeric " << e.numeric << " (rel err " << e.worst << ")");
 }
 
 /// Path of ../shared (or $STUNET_SHARED), empty when absent so that tests
