@@ -61,7 +61,7 @@ TEST_CASE("a tensor feeding several consumers receives the sum of their gradient
   CHECK(x.grad().to_vector<double>() == std::vector<double>{8.5, 8.5, 8.5});
 }
 
-TEST_CASE("grad of a custom op with saved tensors; the checker catches a wrong backward") {
+TEST_CASE("grad of a custom op with saved tensors - the checker catches a wrong backward") {
   Tensor x = testing::random_tensor({3, 4}, DType::f64, 7).set_requires_grad();
   testing::check_gradients([](const std::vector<Tensor>& in) { return square(add(in[0], in[0])); }, {x});
   auto err = testing::gradient_error([](const std::vector<Tensor>& in) { return square(in[0], /*wrong=*/true); }, {x});
@@ -102,7 +102,7 @@ TEST_CASE("an in-place write to a saved tensor makes backward fail loudly") {
   CHECK_THROWS_WITH_AS(loss.backward(), Contains("modified in place"), Error);
 }
 
-TEST_CASE("errors: backward needs a scalar or an explicit gradient; only float leaves require grad") {
+TEST_CASE("errors: backward needs a scalar or an explicit gradient - only float leaves require grad") {
   Tensor x = Tensor::ones({2, 3}, DType::f64).set_requires_grad();
   Tensor y = scale(x, 2);
   CHECK_THROWS_WITH_AS(y.backward(), Contains("[2, 3]"), Error);
@@ -115,7 +115,7 @@ TEST_CASE("errors: backward needs a scalar or an explicit gradient; only float l
   CHECK_THROWS_WITH_AS(x.box({0, 0}, {1, 1}), Contains("detach"), Error);
 }
 
-TEST_CASE("detach shares data without history; dtype conversion is differentiable") {
+TEST_CASE("detach shares data without history - dtype conversion is differentiable") {
   Tensor x = Tensor::from_vector<double>({1, 2, 3}, {3}).set_requires_grad();
   Tensor d = x.detach();
   CHECK(d.storage() == x.storage());

@@ -73,8 +73,19 @@ TEST_CASE("the same graph in float32 tracks float64") {
   CHECK(testing::max_rel_diff(y32, y64) < 1e-5);
   dc_and_ce_loss(y64, target).backward();
   dc_and_ce_loss(y32, target).backward();
+  // Conv biases 1 and 5 feed an instance norm: their true gradient is zero
+  // (the norm removes per-channel constants), so they are measured against
+  // the gradient scale of their conv's weight instead of their own.
+  auto max_abs = [](const Tensor& t) {
+    double m = 0;
+    for (double v : t.to_vector<double>()) m = std::max(m, std::abs(v));
+    return m;
+  };
   for (std::size_t i = 0; i < w32.size(); ++i) {
     CAPTURE(i);
-    CHECK(testing::max_rel_diff(w32[i].grad(), net64.params[i].grad()) < 1e-4);
+    const Tensor& ref = net64.params[i].grad();
+    double scale = max_abs(ref);
+    if (i == 1 || i == 5) scale = max_abs(net64.params[i - 1].grad());
+    CHECK(testing::max_abs_diff(w32[i].grad(), ref) / scale < 1e-4);
   }
 }

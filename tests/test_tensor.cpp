@@ -140,7 +140,7 @@ TEST_CASE("reshape: a view when contiguous, a copy otherwise") {
   CHECK_THROWS_WITH_AS(x.reshape({4, 2}), Contains("[4, 2]"), Error);
 }
 
-TEST_CASE("clone shares nothing; fill_ and copy_ bump the storage version") {
+TEST_CASE("clone shares nothing - fill_ and copy_ bump the storage version") {
   Tensor x = Tensor::from_vector<float>({1, 2, 3}, {3});
   Tensor c = x.clone();
   auto v0 = x.storage()->version();
