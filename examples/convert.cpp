@@ -30,21 +30,13 @@
 
 #include <CLI/CLI.hpp>
 
-#include <stunet/io/safetensors.hpp>
-#include <stunet/io/torch_checkpoint.hpp>
+#include <stunet/io/weights.hpp>
 
 namespace {
 
 /// The tensors of `in`: a torch.save archive, else a safetensors file by
 /// its extension, else the torch reader again, whose errors say what the
 /// file is not (legacy format, not a zip, ...).
-std::vector<std::pair<std::string, stunet::Tensor>> load_any(const std::filesystem::path& in) {
-  if (stunet::io::is_torch_zip_checkpoint(in)) return stunet::io::load_torch_state_dict(in);
-  if (in.extension() == ".safetensors") return stunet::io::read_safetensors(in).tensors;
-  return stunet::io::load_torch_state_dict(in);
-}
-
-/// One line, whatever the message holds.
 void report(const char* message) {
   std::string line = message;
   std::replace(line.begin(), line.end(), '\n', ' ');
@@ -69,23 +61,14 @@ int main(int argc, char** argv) {
   if (!list && out.empty()) return app.exit(CLI::RequiredError("OUT (or --list)"));
 
   try {
-    auto tensors = load_any(in);
     if (list) {
-      for (const auto& [key, t] : tensors)
+      for (const auto& [key, t] : stunet::io::load_state_dict_file(in))
         std::printf("%s\t%s\t%s\n", key.c_str(), std::string(stunet::dtype_name(t.dtype())).c_str(),
                     fmt::format("{}", t.shape()).c_str());
       return 0;
     }
-    std::int64_t values = 0;
-    for (auto& [key, t] : tensors) {
-      if (stunet::is_floating(t.dtype()) && t.dtype() != stunet::DType::f32) t = t.to(stunet::DType::f32);
-      values += t.numel();
-    }
-    stunet::io::write_safetensors(out, tensors,
-                                  {{"format", "pt"}, {"source", std::filesystem::path(in).filename().string()}});
-    if (!quiet)
-      std::printf("stunet-convert: wrote %zu tensors (%lld values) to %s\n", tensors.size(),
-                  static_cast<long long>(values), out.c_str());
+    const std::size_t n = stunet::io::convert_to_safetensors(in, out);
+    if (!quiet) std::printf("stunet-convert: wrote %zu tensors to %s\n", n, out.c_str());
     return 0;
   } catch (const stunet::Error& e) {
     report(e.what());

@@ -19,6 +19,7 @@
 #include "testing.hpp"
 #include "stunet/io/safetensors.hpp"
 #include "stunet/io/torch_checkpoint.hpp"
+#include "stunet/io/weights.hpp"
 
 using namespace stunet;
 using doctest::Contains;
@@ -762,4 +763,32 @@ TEST_CASE("pickle and checkpoint: truncated and bit-flipped inputs only ever rai
     write_file(path, std::string_view(zip_bytes).substr(0, len));
     CHECK(outcome([&] { io::load_torch_state_dict(path); }, fmt::format("zip cut at {}", len)) == 1);
   }
+}
+
+TEST_CASE("convert: the golden .model round-trips to safetensors equal to the reference weights") {
+  const fs::path shared = testing::shared_dir();
+  if (shared.empty()) {
+    MESSAGE("skipping: ../shared is absent");
+    return;
+  }
+  const fs::path out = fs::temp_directory_path() / "stunet_convert_roundtrip.safetensors";
+  const std::size_t n = io::convert_to_safetensors(shared / "golden" / "stunet_tiny_nnunet_v1.model", out);
+  auto converted = io::read_safetensors(out);
+  auto ref = io::read_safetensors(shared / "golden" / "stunet_tiny.safetensors");
+  CHECK(converted.tensors.size() == n);
+  CHECK(converted.metadata.at("source") == "stunet_tiny_nnunet_v1.model");
+  for (const auto& [key, t] : converted.tensors) {
+    CAPTURE(key);
+    const Tensor& r = ref.at(key);
+    REQUIRE(t.shape() == r.shape());
+    CHECK(std::memcmp(t.raw_data(), r.raw_data(), r.nbytes()) == 0);
+  }
+  // A second conversion of the converted file is the identity.
+  const fs::path again = fs::temp_directory_path() / "stunet_convert_roundtrip2.safetensors";
+  io::convert_to_safetensors(out, again);
+  CHECK(io::read_safetensors(again).tensors.size() == n);
+  fs::remove(out);
+  fs::remove(again);
+  CHECK_THROWS_WITH_AS(io::load_state_dict_file(shared / "golden" / "missing.pth"), doctest::Contains("does not exist"),
+                       Error);
 }

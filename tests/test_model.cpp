@@ -6,6 +6,7 @@
 
 #include "testing.hpp"
 #include "stunet/io/safetensors.hpp"
+#include "stunet/nn/pretrained.hpp"
 #include "stunet/nn/stunet.hpp"
 #include "stunet/train/deep_supervision.hpp"
 
@@ -191,4 +192,37 @@ TEST_CASE("load_state_dict: strict refuses missing, unexpected and mis-shaped ke
   auto report = fresh.load_state_dict(wrong, /*strict=*/false);
   CHECK(report.mismatched.size() == 1);
   CHECK(report.loaded.size() == sd.size() - 1);
+}
+
+TEST_CASE("fine-tuning load: heads stay fresh, input channels repeated, mismatches refused") {
+  nn::STUNetConfig c{.in_channels = 1, .num_classes = 3, .depth = {1, 1, 1, 1, 1, 1}, .dims = {4, 8, 8, 16, 16, 16}};
+  nn::STUNet pre(c);
+  pre.init_he(11);
+  nn::StateDict sd;
+  for (const auto& [k, t] : pre.state_dict()) sd.emplace_back(k, t.detach().clone());
+
+  nn::STUNetConfig down = c;
+  down.in_channels = 3;
+  down.num_classes = 5;
+  nn::STUNet net(down);
+  net.init_he(12);
+  const Tensor fresh_head = net.seg_outputs->operator[](4).weight.detach().clone();
+  auto report = nn::load_pretrained(net, sd);
+  CHECK(report.missing.empty());
+  CHECK(report.reshaped.size() == 2);
+  CHECK(report.skipped.size() == 10);  // 5 heads x (weight, bias)
+  CHECK(report.loaded.size() == sd.size() - 10);
+  CHECK(testing::max_abs_diff(net.seg_outputs->operator[](4).weight, fresh_head) == 0.0);
+  // Every input channel of the first conv holds the pretrained single channel.
+  const Tensor& w_new = net.conv_blocks_context->operator[](0)[0].conv1->weight;
+  const Tensor& w_old = pre.conv_blocks_context->operator[](0)[0].conv1->weight;
+  for (std::int64_t ch = 0; ch < 3; ++ch)
+    CHECK(testing::max_abs_diff(w_new.detach().box({0, ch, 0, 0, 0}, {4, 1, 3, 3, 3}), w_old.detach()) == 0.0);
+  CHECK(testing::max_abs_diff(net.upsample_layers->operator[](2).conv->weight,
+                              pre.upsample_layers->operator[](2).conv->weight) == 0.0);
+  // A pretrained model of another width cannot be fine-tuned into this one.
+  nn::STUNetConfig wide = down;
+  wide.dims[2] = 12;
+  nn::STUNet other(wide);
+  CHECK_THROWS_WITH_AS(nn::load_pretrained(other, sd), Contains("conv_blocks_context.2.0.conv1.weight"), Error);
 }

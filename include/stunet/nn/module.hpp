@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include <algorithm>
+
 #include <fmt/ranges.h>
 
 #include "stunet/core/tensor.hpp"
