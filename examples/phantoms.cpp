@@ -79,15 +79,17 @@ int main(int argc, char** argv) {
       "as uint8) of trunk phantoms: body with skin, fat and muscle, spine, ribs, lungs, heart and abdominal organs as "
       "smoothly deformed shapes that vary per case, sampled on a grid whose spacing varies per case. 'pretrain' is CT "
       "(Hounsfield units, random contrast phase) with 18 anatomical classes; 'downstream' is the same anatomy with an "
-      "MR-like contrast and new targets (liver, kidney, liver tumours, kidney tumours), for fine-tuning experiments. "
-      "Case i depends only on (task, seed, i, size).",
+      "MR-like contrast and new targets (liver, kidney, liver tumours, kidney tumours), for fine-tuning experiments; 'downstream_ct' has "
+      "the same patients and targets in CT. Case i depends only on (task, seed, i, size).",
       "stunet-phantoms"};
   std::string task = "pretrain", size_text = "64", out;
   int cases = 10;
   std::uint64_t seed = 0;
   bool preview = false, quiet = false;
-  app.add_option("--task", task, "pretrain (CT, 18 classes) or downstream (MR-like, liver/kidney and their tumours)")
-      ->check(CLI::IsMember({"pretrain", "downstream"}))
+  app.add_option("--task", task,
+                 "pretrain (CT, 18 classes), downstream (MR-like, liver/kidney and their tumours) or downstream_ct "
+                 "(the same targets in CT)")
+      ->check(CLI::IsMember({"pretrain", "downstream", "downstream_ct"}))
       ->capture_default_str();
   app.add_option("--cases", cases, "number of training cases to write (1..1000000)")
       ->check(CLI::Range(1, 1000000))
@@ -125,7 +127,7 @@ int main(int argc, char** argv) {
       std::filesystem::create_directories(folder / "previews", ec);
       STUNET_CHECK(!ec, "cannot create '{}': {}", (folder / "previews").string(), ec.message());
     }
-    const bool ct = options.task == stunet::data::PhantomTask::pretrain;
+    const bool ct = options.task != stunet::data::PhantomTask::downstream;
     const auto t0 = std::chrono::steady_clock::now();
     stunet::data::write_phantom_dataset(folder, options, [&](const stunet::data::PhantomCase& c) {
       if (preview) stunet::io::write_png(folder / "previews" / (c.name + ".png"), preview_of(c, ct));

@@ -89,7 +89,7 @@ std::uint32_t big_endian_u32(const unsigned char* p) {
 
 TEST_CASE("phantoms: a case depends only on seed, index and size, not on the thread count") {
   const Size3 size{24, 48, 48};
-  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream}) {
+  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream, PhantomTask::downstream_ct}) {
     const PhantomCase a = data::generate_phantom(task, size, 7, 3);
     const PhantomCase b = data::generate_phantom(task, size, 7, 3);
     CHECK(same_bytes(a.image.data, b.image.data));
@@ -122,7 +122,7 @@ TEST_CASE("phantoms: a case depends only on seed, index and size, not on the thr
 }
 
 TEST_CASE("phantoms: every label of each task is present in every case at 48x96x96") {
-  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream}) {
+  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream, PhantomTask::downstream_ct}) {
     const auto names = data::phantom_labels(task);
     CHECK(names.front() == "background");
     CHECK(names.size() == (task == PhantomTask::pretrain ? 19u : 5u));
@@ -199,6 +199,25 @@ TEST_CASE("phantoms: downstream lesions lie inside their host organ and are T2-b
     CHECK(median(by[4]) > liver);
     CHECK(c.image.data.at({0, 0, 0, 0}) < 0.25 * liver);
   }
+}
+
+TEST_CASE("phantoms: downstream_ct has the MR task's patients and lesions in CT, tumours hypodense") {
+  for (int ci = 0; ci < 2; ++ci) {
+    const PhantomCase& mr = cached_case(PhantomTask::downstream, {48, 96, 96}, ci);
+    const PhantomCase& ct = cached_case(PhantomTask::downstream_ct, {48, 96, 96}, ci);
+    CHECK(same_bytes(mr.label.data, ct.label.data));  // same anatomy, lesions and scan geometry
+    CHECK(mr.image.affine == ct.image.affine);
+    CHECK(ct.name == fmt::format("downstream_ct_{:04d}", ci));
+    const auto by = values_by_label(ct, 5);
+    const double liver = median(by[1]);
+    CHECK(liver > 40);  // Hounsfield units: enhanced parenchyma
+    CHECK(liver < 130);
+    CHECK(median(by[3]) < liver - 10);  // liver tumours hypodense, as metastases in portal-venous CT
+    CHECK(ct.image.data.at({0, 0, 0, 0}) < -900);  // air
+  }
+  CHECK(data::parse_phantom_task("downstream_ct") == PhantomTask::downstream_ct);
+  CHECK(data::phantom_modality(PhantomTask::downstream_ct) == "CT");
+  CHECK_THROWS_WITH_AS(data::parse_phantom_task("ct"), doctest::Contains("downstream_ct"), Error);
 }
 
 TEST_CASE("phantoms: spacing varies per case and is anisotropic, sizes and geometry are as requested") {
@@ -290,7 +309,7 @@ TEST_CASE("phantoms: bad arguments throw before allocating") {
 
 TEST_CASE("phantoms: write_phantom_dataset writes an nnU-Net v2 raw dataset that reads back exactly") {
   TempDir dir("phantoms_ds");
-  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream}) {
+  for (PhantomTask task : {PhantomTask::pretrain, PhantomTask::downstream, PhantomTask::downstream_ct}) {
     data::PhantomOptions o;
     o.task = task;
     o.cases = 2;
@@ -304,7 +323,7 @@ TEST_CASE("phantoms: write_phantom_dataset writes an nnU-Net v2 raw dataset that
 
     std::ifstream in(folder / "dataset.json");
     const auto ds = nlohmann::json::parse(in);
-    CHECK(ds["channel_names"]["0"] == (task == PhantomTask::pretrain ? "CT" : "MR"));
+    CHECK(ds["channel_names"]["0"] == (task == PhantomTask::downstream ? "MR" : "CT"));
     CHECK(ds["numTraining"] == 2);
     CHECK(ds["file_ending"] == ".nii.gz");
     CHECK(ds["reference"] == "stunet synthetic phantoms");

@@ -16,9 +16,11 @@
 /// a T2-like mapping that is tissue-dependent and not monotonic in HU, with
 /// a bias field and Rician noise), plus smooth texture, blur and noise.
 ///
-/// Tasks: `pretrain` (CT, 18 anatomical classes) and `downstream` (MR-like,
+/// Tasks: `pretrain` (CT, 18 anatomical classes), `downstream` (MR-like,
 /// liver, kidney, liver tumours and kidney tumours: new targets and another
-/// contrast on the same anatomy, the shift the STU-Net paper fine-tunes on).
+/// contrast on the same anatomy) and `downstream_ct` (the same new targets
+/// in CT, as the paper's CT lesion sets: FLARE, KiTS, LiTS). The two
+/// downstream tasks draw the same patients and lesions for the same seed.
 
 #include <algorithm>
 #include <array>
@@ -44,9 +46,9 @@
 
 namespace stunet::data {
 
-/// Which synthetic dataset: many-class CT pretraining, or the shifted
-/// fine-tuning task (MR-like contrast, lesion targets).
-enum class PhantomTask { pretrain, downstream };
+/// Which synthetic dataset: many-class CT pretraining, or a shifted
+/// fine-tuning task with lesion targets, in an MR-like contrast or in CT.
+enum class PhantomTask { pretrain, downstream, downstream_ct };
 
 /// What write_phantom_dataset produces.
 struct PhantomOptions {
@@ -63,20 +65,22 @@ struct PhantomCase {
   std::string name;  ///< case identifier, e.g. "pretrain_0003"
 };
 
-/// "pretrain" or "downstream".
+/// "pretrain", "downstream" or "downstream_ct".
 inline std::string_view phantom_task_name(PhantomTask task) {
-  return task == PhantomTask::pretrain ? "pretrain" : "downstream";
+  return task == PhantomTask::pretrain ? "pretrain" : task == PhantomTask::downstream ? "downstream" : "downstream_ct";
 }
 
-/// Parses "pretrain" / "downstream"; throws stunet::Error naming the text otherwise.
+/// Parses "pretrain" / "downstream" / "downstream_ct"; throws stunet::Error
+/// naming the text otherwise.
 inline PhantomTask parse_phantom_task(std::string_view text) {
   if (text == "pretrain") return PhantomTask::pretrain;
   if (text == "downstream") return PhantomTask::downstream;
-  STUNET_FAIL("unknown phantom task '{}' (expected 'pretrain' or 'downstream')", text);
+  if (text == "downstream_ct") return PhantomTask::downstream_ct;
+  STUNET_FAIL("unknown phantom task '{}' (expected 'pretrain', 'downstream' or 'downstream_ct')", text);
 }
 
 /// The imaging modality of a task, as nnU-Net's channel name: "CT" or "MR".
-inline std::string_view phantom_modality(PhantomTask task) { return task == PhantomTask::pretrain ? "CT" : "MR"; }
+inline std::string_view phantom_modality(PhantomTask task) { return task == PhantomTask::downstream ? "MR" : "CT"; }
 
 /// Class names of a task; index = label value, index 0 is "background".
 inline std::vector<std::string> phantom_labels(PhantomTask task) {
@@ -336,7 +340,7 @@ class PatientModel {
     draw_body();
     draw_spine();
     draw_organs();
-    if (task_ == PhantomTask::downstream) draw_lesions();
+    if (task_ != PhantomTask::pretrain) draw_lesions();
     draw_scan();
     draw_intensities();
     build_deformation();
@@ -591,7 +595,7 @@ class PatientModel {
   }
 
   void draw_scan() {
-    modality_ct_ = task_ == PhantomTask::pretrain;
+    modality_ct_ = task_ != PhantomTask::downstream;
     const Vec3 scale{jitter(0.9, 1.1), 0, jitter(0.92, 1.08)};
     const double sy = scale.x * jitter(0.92, 1.08);
     inv_scale_ = {1 / scale.x, 1 / sy, 1 / scale.z};
@@ -1212,12 +1216,21 @@ inline void write_phantom_dataset(const std::filesystem::path& folder, const Pha
   const auto names = phantom_labels(options.task);
   nlohmann::ordered_json labels;
   for (std::size_t i = 0; i < names.size(); ++i) labels[names[i]] = i;
-  const bool pretrain = options.task == PhantomTask::pretrain;
   nlohmann::ordered_json ds;
-  ds["name"] = pretrain ? "PhantomPretrain" : "PhantomDownstream";
-  ds["description"] =
-      pretrain ? "Synthetic trunk CT phantoms (body, spine, ribs, lungs, heart, abdominal organs), 18 classes"
-               : "Synthetic MR-like phantoms of the same anatomy with liver and kidney tumours, 4 classes";
+  switch (options.task) {
+    case PhantomTask::pretrain:
+      ds["name"] = "PhantomPretrain";
+      ds["description"] = "Synthetic trunk CT phantoms (body, spine, ribs, lungs, heart, abdominal organs), 18 classes";
+      break;
+    case PhantomTask::downstream:
+      ds["name"] = "PhantomDownstream";
+      ds["description"] = "Synthetic MR-like phantoms of the same anatomy with liver and kidney tumours, 4 classes";
+      break;
+    case PhantomTask::downstream_ct:
+      ds["name"] = "PhantomDownstreamCT";
+      ds["description"] = "Synthetic CT phantoms of the same anatomy with liver and kidney tumours, 4 classes";
+      break;
+  }
   ds["reference"] = "stunet synthetic phantoms";
   ds["licence"] = "CC0-1.0";
   ds["release"] = "1.0";
