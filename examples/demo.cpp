@@ -20,6 +20,7 @@
 #include <stunet/infer/predictor.hpp>
 #include <stunet/io/preview.hpp>
 
+#include "model_scoring.hpp"
 #include "training_program.hpp"
 
 using namespace stunet;
@@ -48,37 +49,6 @@ struct DemoArgs {
   std::string downstream = "ct";
   int workers = 1;
 };
-
-// Dice per foreground class of one model over the test cases (mean over cases).
-std::vector<double> predict_and_score(const fs::path& weights, const data::Dataset& test, const fs::path& out_dir,
-                                      const std::string& tag) {
-  const infer::Predictor predictor = infer::Predictor::load(weights);
-  fs::create_directories(out_dir);
-  std::vector<std::vector<eval::ClassMetrics>> per_case;
-  const std::vector<eval::LabelGroup> groups = eval::identity_groups(
-      [&] {
-        std::vector<std::int64_t> v;
-        for (int k = 1; k < test.num_classes(); ++k) v.push_back(k);
-        return v;
-      }(),
-      test.label_names);
-  for (const auto& c : test.cases) {
-    infer::PredictOptions o;
-    o.fast = true;  // no TTA: the demo compares models, not test-time tricks
-    io::NiftiHeader header;
-    data::Image image;
-    const infer::CasePrediction p = predictor.predict_files(c.images, o, &header, &image);
-    infer::write_prediction(out_dir / (c.id + ".nii.gz"), p.labels, test.num_classes(), &header);
-    const data::Image ref = data::load_case_label(c, test.num_classes(), &image);
-    io::PreviewOptions po;
-    io::write_png(out_dir / (c.id + ".png"), io::render_comparison(image, &ref, &p.labels, po));
-    per_case.push_back(eval::evaluate_images(p.labels, ref, groups, eval::MetricOptions{.surface = false}));
-    std::fprintf(stderr, "  %s %s: predicted in %.1f s\n", tag.c_str(), c.id.c_str(), p.times.predict);
-  }
-  std::vector<double> dice;
-  for (const auto& m : eval::mean_over_cases(per_case)) dice.push_back(m.dice);
-  return dice;
-}
 
 programs::TrainArgs base_args(const DemoArgs& d) {
   programs::TrainArgs a;
@@ -193,9 +163,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "[5/5] predicting %d held-out cases with both models\n", d.test_cases);
     t = std::chrono::steady_clock::now();
     const data::Dataset test = data::open_dataset(test_data);
-    const auto dice_ft = predict_and_score(out / "models" / "finetuned" / "checkpoint_final.safetensors", test,
+    const auto dice_ft = programs::predict_and_score(out / "models" / "finetuned" / "checkpoint_final.safetensors", test,
                                            out / "predictions" / "finetuned", "fine-tuned");
-    const auto dice_sc = predict_and_score(out / "models" / "scratch" / "checkpoint_final.safetensors", test,
+    const auto dice_sc = programs::predict_and_score(out / "models" / "scratch" / "checkpoint_final.safetensors", test,
                                            out / "predictions" / "scratch", "scratch");
     const double t_pred = seconds_since(t);
 
