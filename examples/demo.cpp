@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   CLI::App app{"The STU-Net demo on synthetic phantoms: data, pretraining, fine-tuning vs training from scratch, "
                "prediction of held-out cases and a Dice table, on the CPU in minutes.",
                "stunet-demo"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   DemoArgs d;
   app.add_option("-o,--out", d.out, "output folder (data, models, predictions with PNG previews, report)");
   app.add_option("--size", d.size, "phantom grid N: volumes N/2 x N x N, patch the same")->check(CLI::Range(32, 256));

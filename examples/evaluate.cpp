@@ -171,6 +171,7 @@ int main(int argc, char** argv) {
                "and the 95th-percentile Hausdorff distance per class, with the voxel spacing of the reference. "
                "Writes per-case and mean rows as CSV and JSON.",
                "stunet-evaluate"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   std::string pred, ref, labels, map_file, protocol, dataset_json, csv, json_out;
   double tolerance = 1.0;
   bool no_surface = false, quiet = false;

@@ -140,6 +140,7 @@ int main(int argc, char** argv) {
                "normalisation), sliding-window inference with Gaussian weighting (and mirror test-time augmentation "
                "unless --fast), and export in the input's geometry, as nnU-Net does.",
                "stunet-predict"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   std::vector<std::string> inputs;
   std::string output, weights, plan, spacing, device = "cpu";
   bool fast = false, disable_tta = false, probabilities = false, no_preview = false, allow_labels = false,

@@ -267,6 +267,7 @@ inline int training_main(int argc, char** argv, bool finetune) {
                finetune ? "stunet-finetune" : "stunet-pretrain"};
   TrainArgs a;
   if (finetune) a.lr = 1e-3;
+  app.option_defaults()->always_capture_default();  // --help shows every default
   add_training_flags(app, a);
   if (finetune)
     app.add_option("--pretrained", a.pretrained,

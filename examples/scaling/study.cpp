@@ -79,6 +79,7 @@ int main(int argc, char** argv) {
   CLI::App app{"The STU-Net paper's training studies on synthetic CT lesion phantoms: test Dice vs model size and vs "
                "number of training cases, at the same number of steps. Writes study.csv and two PNG plots.",
                "stunet-scaling-study"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   StudyArgs a;
   app.add_option("-o,--out", a.out, "output folder (data, models, study.csv, dice_vs_size.png, dice_vs_cases.png)");
   app.add_option("--size", a.size, "phantom grid N: volumes and patch N/2 x N x N")->check(CLI::Range(32, 256));
