@@ -12,7 +12,13 @@
 /// device and retries; if that fails too, stunet::Error reports the bytes
 /// asked, cudaMemGetInfo's free/total and what the cache holds.
 ///
-/// All allocations are associated with the legacy default stream (0).
+/// All allocations are associated with the context's stream of their device
+/// (launch.cuh): a freed block is handed out again only to work queued after
+/// the free on that same stream, so no synchronisation is needed.
+///
+/// allocator_stats().device_mallocs counts the allocations the cache could
+/// not serve (each one a cudaMalloc): a steady-state training step must not
+/// add to it (a test counts them).
 /// Include only from .cu files (code compiled by nvcc).
 
 #include <cstddef>
@@ -23,6 +29,7 @@
 
 #include "stunet/core/error.hpp"
 #include "stunet/cuda/check.cuh"
+#include "stunet/cuda/launch.cuh"
 
 namespace stunet::cuda {
 
@@ -45,7 +52,20 @@ inline cub::CachingDeviceAllocator& caching_allocator() {
 struct AllocatorStats {
   std::size_t live_bytes = 0;    ///< handed out and not yet freed (bin-rounded)
   std::size_t cached_bytes = 0;  ///< freed and kept for reuse
+  std::size_t device_mallocs = 0;  ///< allocations that reached cudaMalloc (cache misses), all devices
+  std::size_t allocations = 0;     ///< every allocation request served, all devices
 };
+
+namespace detail {
+inline std::size_t& device_malloc_count() {
+  static std::size_t n = 0;
+  return n;
+}
+inline std::size_t& allocation_count() {
+  static std::size_t n = 0;
+  return n;
+}
+}  // namespace detail
 
 inline AllocatorStats allocator_stats(int device) {
   auto& a = caching_allocator();
@@ -56,6 +76,8 @@ inline AllocatorStats allocator_stats(int device) {
     s.live_bytes = it->second.live;
     s.cached_bytes = it->second.free;
   }
+  s.device_mallocs = detail::device_malloc_count();
+  s.allocations = detail::allocation_count();
   return s;
 }
 
@@ -102,9 +124,18 @@ inline std::string format_bytes(std::size_t bytes) {
 inline void* device_allocate(std::size_t bytes, int device) {
   if (bytes == 0) return nullptr;
   void* ptr = nullptr;
-  cudaError_t err = caching_allocator().DeviceAllocate(device, &ptr, bytes);
+  auto& a = caching_allocator();
+  cudaStream_t s = stream(device);
+  // The cache grows (live + free) only when it had no block to hand out and
+  // called cudaMalloc: that is what a steady-state step must never do.
+  const AllocatorStats before = allocator_stats(device);
+  cudaError_t err = a.DeviceAllocate(device, &ptr, bytes, s);
   if (err != cudaSuccess) [[unlikely]]
     detail::throw_allocation_error(err, bytes, device);
+  const AllocatorStats after = allocator_stats(device);
+  std::lock_guard<std::mutex> lock(a.mutex);
+  ++detail::allocation_count();
+  if (after.live_bytes + after.cached_bytes > before.live_bytes + before.cached_bytes) ++detail::device_malloc_count();
   return ptr;
 }
 

@@ -8,10 +8,9 @@
 /// main. Plain .cpp files keep using <stunet/core/tensor.hpp> unchanged; CUDA
 /// tensors they create go through the registered hooks.
 ///
-/// Memory comes from the caching allocator (allocator.cuh). Copies use
-/// cudaMemcpy with the kind the two devices call for (cudaMemcpyPeer between
-/// two GPUs) and are ordered on the legacy default stream; copies that involve
-/// the host return once the data has arrived.
+/// Memory comes from the caching allocator (allocator.cuh). Copies are queued
+/// on the context's stream (launch.cuh), after the kernels that produced their
+/// source; copies that involve the host return once the data has arrived.
 
 #include <cstddef>
 #include <cstring>
@@ -23,6 +22,7 @@
 #include "stunet/core/storage.hpp"
 #include "stunet/cuda/allocator.cuh"
 #include "stunet/cuda/check.cuh"
+#include "stunet/cuda/launch.cuh"
 
 namespace stunet::cuda {
 
@@ -36,25 +36,6 @@ inline int device_count() noexcept {
   }
   return n;
 }
-
-/// Makes `device` current for the lifetime of the guard, then restores the
-/// previous one (a no-op when it already is current).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    STUNET_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) STUNET_CUDA_CHECK(cudaSetDevice(device));
-    else previous_ = -1;
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) (void)cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 namespace detail {
 
@@ -70,22 +51,27 @@ inline void backend_copy(void* dst, Device dst_dev, const void* src, Device src_
     std::memcpy(dst, src, bytes);
   } else if (src_dev.is_cpu()) {
     DeviceGuard guard(dst_dev.index);
-    STUNET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    STUNET_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream(dst_dev.index)));
+    // Pageable host memory: the call may return before the source was read.
+    synchronize(dst_dev.index);
   } else if (dst_dev.is_cpu()) {
     DeviceGuard guard(src_dev.index);
-    STUNET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    STUNET_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream(src_dev.index)));
+    synchronize(src_dev.index);
   } else if (dst_dev.index == src_dev.index) {
     DeviceGuard guard(dst_dev.index);
-    STUNET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    STUNET_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream(dst_dev.index)));
   } else {
-    STUNET_CUDA_CHECK(cudaMemcpyPeer(dst, dst_dev.index, src, src_dev.index, bytes));
+    synchronize(src_dev.index);
+    STUNET_CUDA_CHECK(cudaMemcpyPeerAsync(dst, dst_dev.index, src, src_dev.index, bytes, stream(dst_dev.index)));
+    synchronize(dst_dev.index);
   }
 }
 
 inline void backend_memset_zero(void* ptr, std::size_t bytes, int device) {
   if (bytes == 0) return;
   DeviceGuard guard(device);
-  STUNET_CUDA_CHECK(cudaMemset(ptr, 0, bytes));
+  STUNET_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream(device)));
 }
 
 inline bool register_backend() noexcept {
