@@ -34,6 +34,7 @@
 #include <stunet/infer/predictor.hpp>
 #include <stunet/io/png.hpp>
 #include <stunet/io/preview.hpp>
+#include "device_options.hpp"
 
 using namespace stunet;
 namespace fs = std::filesystem;
@@ -71,23 +72,6 @@ data::Spacing parse_spacing(const std::string& s) {
   }
   STUNET_CHECK(v.size() == 1 || v.size() == 3, "--spacing '{}': expected one number or three (D,H,W)", s);
   return v.size() == 1 ? data::Spacing{v[0], v[0], v[0]} : data::Spacing{v[0], v[1], v[2]};
-}
-
-Device parse_device(const std::string& s) {
-  if (s == "cpu") return Device::cpu();
-  if (s == "cuda") return Device::cuda(0);
-  if (s.rfind("cuda:", 0) == 0) {
-    std::size_t used = 0;
-    int i = -1;
-    try {
-      i = std::stoi(s.substr(5), &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    STUNET_CHECK(used == s.size() - 5 && i >= 0, "--device '{}': expected cpu, cuda or cuda:N", s);
-    return Device::cuda(i);
-  }
-  STUNET_FAIL("--device '{}': expected cpu, cuda or cuda:N", s);
 }
 
 /// A one-line progress bar on stderr, redrawn in place on a terminal and
@@ -142,7 +126,7 @@ int main(int argc, char** argv) {
                "stunet-predict"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   std::vector<std::string> inputs;
-  std::string output, weights, plan, spacing, device = "cpu";
+  std::string output, weights, plan, spacing, device = "cpu", precision = "fp32";
   bool fast = false, disable_tta = false, probabilities = false, no_preview = false, allow_labels = false,
        quiet = false, skip_existing = false;
   double step = 0;
@@ -171,7 +155,9 @@ int main(int argc, char** argv) {
   app.add_flag("--disable-tta", disable_tta, "no mirror test-time augmentation (8x faster than the default)");
   app.add_option("--step-size", step, "tile step as a fraction of the patch, in (0, 1]; default: the plan's (0.5)");
   app.add_option("--tile-batch", tile_batch, "tiles per forward pass (more uses more memory)")->check(CLI::Range(1, 64));
-  app.add_option("--device", device, "cpu, cuda or cuda:N (the CUDA forward pass is not in this build yet)");
+  app.add_option("--device", device, "cpu, cuda or cuda:N");
+  app.add_option("--precision", precision, "activations on CUDA: fp32, fp16 or bf16 (weights stay float32)")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   app.add_option("--threads", threads, "CPU threads (default: OpenMP's, i.e. all cores)")->check(CLI::Range(1, 1024));
   app.add_flag("--save-probabilities", probabilities,
                "also write the softmax probabilities on the input grid as a 4D float32 NIfTI (large: one volume "
@@ -198,12 +184,12 @@ int main(int argc, char** argv) {
     o.tile_batch = tile_batch;
     o.probabilities = probabilities;
     o.allow_label_like_input = allow_labels;
-    o.device = parse_device(device);
+    o.device = programs::parse_device(device);
+    o.compute_dtype = programs::parse_precision(precision);
     // Contradictions first, before minutes of loading.
     STUNET_CHECK(!(fast && probabilities), "--save-probabilities needs the normal mode (--fast takes the argmax at "
                  "network spacing and never has probabilities on the input grid)");
-    STUNET_CHECK(o.device.is_cpu(), "--device {}: the STU-Net forward pass has no CUDA implementation in this build "
-                 "yet; use --device cpu", o.device);
+    programs::check_device_and_precision(o.device, o.compute_dtype);
     const infer::Predictor predictor = infer::Predictor::load(weights, plan);
     const infer::ModelPlan& mp = predictor.plan();
     const bool ct = mp.preprocess.normalization == data::Normalization::ct ||

@@ -23,10 +23,12 @@
 #include <stunet/nn/stunet.hpp>
 #include <stunet/train/trainer.hpp>
 
+#include "device_options.hpp"
+
 namespace stunet::programs {
 
 struct TrainArgs {
-  std::string dataset, out, preset = "small", device = "cpu", norm = "auto", pretrained;
+  std::string dataset, out, preset = "small", device = "cpu", precision = "fp32", norm = "auto", pretrained;
   std::vector<int> depth, dims, patch{128, 128, 128};
   std::vector<double> spacing;
   int batch = 2, iterations = 250, val_batches = 50, workers = 2;
@@ -68,7 +70,10 @@ inline void add_training_flags(CLI::App& app, TrainArgs& a) {
       ->expected(1, 3);
   app.add_option("--norm", a.norm, "intensity normalisation: auto (CT channels: nnU-Net CT, else z-score), zscore, ct")
       ->check(CLI::IsMember({"auto", "zscore", "ct"}));
-  app.add_option("--device", a.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--device", a.device, "cpu, cuda or cuda:N");
+  app.add_option("--precision", a.precision,
+                 "activations on CUDA: fp32, fp16 (with dynamic loss scaling) or bf16; master weights stay float32")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   app.add_option("--workers", a.workers, "data-loader threads (augmentation runs beside the model's step)")
       ->check(CLI::Range(0, 64));
   app.add_option("--seed", a.seed, "seed of initialisation, split, sampling and augmentation (same seed, same run)");
@@ -115,9 +120,9 @@ inline nlohmann::json make_model_plan(const data::Dataset& ds, const data::Prepr
 /// The whole training program; returns the exit code.
 inline int run_training(const TrainArgs& a, bool finetune) {
   namespace fs = std::filesystem;
-  STUNET_CHECK(a.device == "cpu",
-               "--device cuda: training on the GPU is not available yet in this build (the CUDA ops are the next "
-               "milestone); use --device cpu");
+  const Device device = parse_device(a.device);
+  const DType precision = parse_precision(a.precision);
+  check_device_and_precision(device, precision);
   std::array<std::int64_t, 3> patch{};
   STUNET_CHECK(a.patch.size() == 1 || a.patch.size() == 3, "--patch takes 1 or 3 values");
   for (std::size_t i = 0; i < 3; ++i) patch[i] = a.patch[a.patch.size() == 1 ? 0 : i];
@@ -220,6 +225,8 @@ inline int run_training(const TrainArgs& a, bool finetune) {
                static_cast<long long>(patch[1]), static_cast<long long>(patch[2]));
 
   train::TrainerOptions o;
+  o.device = device;
+  o.compute_dtype = precision;
   o.epochs = a.epochs;
   o.iterations_per_epoch = a.iterations;
   o.validation_batches = val_cases->empty() ? 0 : a.val_batches;

@@ -399,3 +399,73 @@ TEST_CASE("trainer: a tiny STU-Net overfits one phantom case, every class Dice >
   MESSAGE("overfit one phantom case in ", kOverfitEpochs * kOverfitIterations, " steps: train loss ", r.train_loss, ", Dice per class ",
           fmt::format("{:.3f}", fmt::join(r.dice, " ")));
 }
+
+TEST_CASE("GradScaler: unscales in place, skips on Inf/NaN, backs off and grows as torch's") {
+  Tensor p = Tensor::zeros(Shape{4}).set_requires_grad();
+  auto set_grad = [&](std::vector<float> g) { p.set_grad(Tensor::from_vector<float>(g, Shape{4})); };
+  optim::GradScaler scaler({.init_scale = 8.0, .growth_interval = 2});
+  Tensor loss = Tensor::full(Shape{}, 1.5);
+  CHECK(scaler.scale(loss).item() == 12.0);
+
+  set_grad({8, -16, 4, 0});
+  CHECK_FALSE(scaler.unscale_({p}));
+  CHECK(p.grad().to_vector<float>() == std::vector<float>{1, -2, 0.5f, 0});
+  scaler.update(false);
+  CHECK(scaler.get_scale() == 8.0);
+  scaler.update(false);  // second clean step: growth_interval reached
+  CHECK(scaler.get_scale() == 16.0);
+
+  set_grad({1, std::numeric_limits<float>::infinity(), 0, 0});
+  CHECK(scaler.unscale_({p}));
+  set_grad({std::nanf(""), 0, 0, 0});
+  CHECK(scaler.unscale_({p}));
+  scaler.update(true);
+  CHECK(scaler.get_scale() == 8.0);
+  CHECK(scaler.skipped_steps() == 1);
+
+  optim::GradScaler off({.enabled = false});
+  CHECK(off.scale(loss).is_same(loss));
+  set_grad({std::nanf(""), 0, 0, 0});
+  CHECK_FALSE(off.unscale_({p}));  // disabled: the trainer's own finiteness check decides
+  CHECK_THROWS_AS(optim::GradScaler({.backoff_factor = 1.5}), stunet::Error);
+}
+
+TEST_CASE("Module::to and Tensor::set_data keep parameter identity (optimiser handles follow)") {
+  nn::STUNet net(nn::STUNetConfig{.in_channels = 1, .num_classes = 2, .depth = {1, 1, 1, 1, 1, 1},
+                                  .dims = {2, 2, 2, 2, 2, 2}});
+  net.init_he(1);
+  const Tensor handle = net.named_parameters()[0].second;  // as an optimiser holds it
+  const std::vector<float> values = handle.to_vector<float>();
+  net.to(Device::cpu());  // already there: nothing changes
+  CHECK(net.device() == Device::cpu());
+  CHECK(handle.is_same(net.named_parameters()[0].second));
+  // set_data swaps the storage under every handle and drops the gradient.
+  Tensor p = net.named_parameters()[0].second;
+  p.set_grad(Tensor::ones(p.shape()));
+  p.set_data(Tensor::full(p.shape(), 2.0, DType::f64));
+  CHECK(handle.dtype() == DType::f64);
+  CHECK(handle.to_vector<double>()[0] == 2.0);
+  CHECK_FALSE(handle.grad().defined());
+  CHECK(handle.requires_grad());
+  // Mixed precision is a CUDA feature: a float16 forward on the host is refused by name.
+  nn::STUNet small(nn::STUNetConfig{.in_channels = 1, .num_classes = 2, .depth = {1, 1, 1, 1, 1, 1},
+                                    .dims = {2, 2, 2, 2, 2, 2}});
+  small.set_compute_dtype(DType::f16);
+  CHECK_THROWS_WITH_AS(small.forward(Tensor::zeros(Shape{1, 1, 32, 32, 32})),
+                       doctest::Contains("float16 / bfloat16 on CUDA"), stunet::Error);
+}
+
+TEST_CASE("Trainer refuses mixed precision on the host and CUDA without a GPU build or device") {
+  auto cases = std::make_shared<std::vector<data::TrainingCase>>();
+  data::TrainingCase tc;
+  tc.id = "a";
+  tc.data = Tensor::zeros(Shape{1, 16, 16, 16});
+  tc.seg = Tensor::zeros(Shape{1, 16, 16, 16}, DType::i32);
+  cases->push_back(tc);
+  nn::STUNet net(nn::STUNetConfig{.in_channels = 1, .num_classes = 2, .depth = {1, 1, 1, 1, 1, 1},
+                                  .dims = {2, 2, 2, 2, 2, 2}});
+  train::TrainerOptions o;
+  o.loader.patch = {32, 32, 32};
+  o.compute_dtype = DType::bf16;
+  CHECK_THROWS_WITH_AS(train::Trainer(net, cases, nullptr, o), doctest::Contains("CUDA only"), stunet::Error);
+}

@@ -16,9 +16,17 @@ namespace detail {
 inline void accumulate_into(const Tensor& acc, const Tensor& g) {
   STUNET_CHECK(acc.shape() == g.shape() && acc.dtype() == g.dtype(),
                "gradient accumulation: {} {} += {} {}", acc.dtype(), acc.shape(), g.dtype(), g.shape());
-  STUNET_CHECK(acc.device().is_cpu() && g.device().is_cpu(),
-               "gradient accumulation on {} is not available in this build", acc.device());
+  STUNET_CHECK(acc.device() == g.device(), "gradient accumulation: {} gradient on {} into {}", g.shape(), g.device(),
+               acc.device());
   Tensor gc = g.contiguous();
+  if (acc.device().is_cuda()) {
+    if (acc.numel() > 0)
+      require_cuda_kernel(cuda_kernels().add, "gradient accumulation")(acc.dtype(), acc.raw_data(), gc.raw_data(), 1.0,
+                                                                       acc.raw_data(), acc.numel(),
+                                                                       acc.device().index);
+    acc.storage()->bump_version();
+    return;
+  }
   dispatch_float(acc.dtype(), "gradient accumulation", [&]<class T>() {
     T* a = acc.data<T>();
     const T* b = gc.data<T>();

@@ -14,12 +14,10 @@ inline Tensor dense_copy(const Tensor& src, DType dtype) {
   Tensor out = Tensor::empty(src.shape(), dtype, src.device());
   if (src.device().is_cpu()) {
     host_copy(out, src);
-  } else {
-    STUNET_CHECK(src.is_contiguous() && dtype == src.dtype(),
-                 "copy of a {} tensor of shape {}: on {} only contiguous same-dtype copies are supported",
-                 src.dtype(), src.shape(), src.device());
-    if (out.nbytes())
-      require_cuda_backend("clone()").copy(out.raw_data(), out.device(), src.raw_data(), src.device(), src.nbytes());
+  } else if (src.numel() > 0) {
+    const Loop5 ld = pad_to_5(out.shape(), out.strides()), ls = pad_to_5(src.shape(), src.strides());
+    require_cuda_kernel(cuda_kernels().strided_copy, "copy")(out.raw_data(), dtype, ld, src.raw_data(), src.dtype(),
+                                                             ls, src.device().index);
   }
   return out;
 }

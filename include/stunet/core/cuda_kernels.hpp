@@ -24,14 +24,20 @@
 
 #include "stunet/core/dtype.hpp"
 #include "stunet/core/error.hpp"
-#include "stunet/core/tensor.hpp"
 #include "stunet/ops/conv3d_problem.hpp"
 
 namespace stunet {
 
+namespace detail {
+struct Loop5;  // core/tensor.hpp: a view's shape and strides padded to rank 5
+}  // namespace detail
+
 /// Function pointers to the CUDA kernels; all null until the CUDA headers
 /// register them (see the file comment).
 struct CudaKernels {
+  /// Number of visible CUDA devices (0 without a GPU or driver; never throws).
+  int (*device_count)() = nullptr;
+
   // ---- tensor plumbing (tensor_ops.cuh) -----------------------------------
   /// dst[i] = convert(src[i]) over two strided views of one shape (Loop5 from
   /// detail::pad_to_5; strides may be negative, as a flip is). Both pointers

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "stunet/core/cuda_kernels.hpp"
 #include "stunet/core/device.hpp"
 #include "stunet/core/dtype.hpp"
 #include "stunet/core/error.hpp"
@@ -133,6 +134,13 @@ class Tensor {
 
   /// Two handles to the same tensor object.
   bool is_same(const Tensor& other) const { return impl_ == other.impl_; }
+
+  /// Makes this tensor object refer to `src`'s storage, shape, strides and
+  /// dtype, keeping its identity and autograd state (torch's `param.data =
+  /// src`): every handle to it, an optimiser's included, sees the new data.
+  /// Used to move a module's parameters to another device. Any gradient is
+  /// dropped (it would live on the old device).
+  void set_data(const Tensor& src);
 
   // For autograd internals.
   AutogradMeta& autograd_meta() const;
@@ -280,9 +288,9 @@ inline Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
 inline Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) { return full(shape, 1.0, dtype, device); }
 
 inline Tensor Tensor::full(const Shape& shape, double value, DType dtype, Device device) {
-  Tensor t = empty(shape, dtype, Device::cpu());
+  Tensor t = empty(shape, dtype, device);
   t.fill_(value);
-  return device.is_cpu() ? t : t.to(device);
+  return t;
 }
 
 template <class T> Tensor Tensor::from_vector(std::span<const T> values, const Shape& shape) {
@@ -306,7 +314,9 @@ inline void* Tensor::raw_data() const {
 
 inline double Tensor::item() const {
   STUNET_CHECK(numel() == 1, "item() needs a one-element tensor, got shape {}", shape());
-  detail::check_host(*this, "item()");
+  // On a GPU: one element copied to the host, which waits for the kernels
+  // that produce it (as torch's item()).
+  if (!device().is_cpu()) return to(Device::cpu()).item();
   return dispatch_all(dtype(), [&]<class T>() { return to_double(*data<T>()); });
 }
 
@@ -354,6 +364,17 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
                "copy_(): in-place write into a leaf tensor that requires grad (shape {}); detach it first", shape());
   if (device().is_cpu() && src.device().is_cpu()) {
     detail::host_copy(*this, src);
+  } else if (device() != src.device() && (!is_contiguous() || !src.is_contiguous() || dtype() != src.dtype())) {
+    // Across devices with a layout or dtype change: move src as it is, then
+    // convert on the destination's device.
+    Tensor moved = src.contiguous().detach().to(device());
+    copy_(moved);
+    return *this;
+  } else if (device() == src.device() && (!is_contiguous() || !src.is_contiguous() || dtype() != src.dtype())) {
+    // Strided or converting copy within one GPU: one kernel.
+    const detail::Loop5 ld = detail::pad_to_5(shape(), strides()), ls = detail::pad_to_5(src.shape(), src.strides());
+    require_cuda_kernel(cuda_kernels().strided_copy, "copy_()")(raw_data(), dtype(), ld, src.raw_data(), src.dtype(),
+                                                                ls, device().index);
   } else {
     STUNET_CHECK(is_contiguous() && src.is_contiguous() && dtype() == src.dtype(),
                  "copy_() between {} and {}: needs contiguous tensors of one dtype (got {} and {})", src.device(),
@@ -364,11 +385,27 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
   return *this;
 }
 
+inline void Tensor::set_data(const Tensor& src) {
+  STUNET_CHECK(src.defined(), "set_data(): undefined source for a tensor of shape {}", shape());
+  TensorImpl& me = impl();
+  const TensorImpl& other = src.impl();
+  me.storage = other.storage;
+  me.offset = other.offset;
+  me.shape = other.shape;
+  me.strides = other.strides;
+  me.dtype = other.dtype;
+  if (me.meta) me.meta->grad = Tensor();
+}
+
 inline Tensor& Tensor::fill_(double value) {
-  detail::check_host(*this, "fill_()");
   STUNET_CHECK(!(is_leaf() && requires_grad()),
                "fill_(): in-place write into a leaf tensor that requires grad (shape {})", shape());
   detail::Loop5 l = detail::pad_to_5(shape(), strides());
+  if (!device().is_cpu()) {
+    if (numel() > 0) require_cuda_kernel(cuda_kernels().fill, "fill_()")(raw_data(), dtype(), l, value, device().index);
+    storage()->bump_version();
+    return *this;
+  }
   dispatch_all(dtype(), [&]<class T>() {
     T v = from_double<T>(value);
     T* p = data<T>();

@@ -22,6 +22,7 @@ namespace stunet::cuda {
 namespace detail {
 inline bool register_kernels() noexcept {
   CudaKernels& t = cuda_kernels();
+  t.device_count = [] { return cuda::device_count(); };
   register_tensor_ops(t);
   register_elementwise(t);
   register_norm(t);

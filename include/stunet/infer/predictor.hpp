@@ -485,7 +485,8 @@ struct PredictOptions {
   std::int64_t tile_batch = 1;                ///< tiles per forward pass
   bool probabilities = false;                 ///< also return softmax probabilities on the input grid (normal mode)
   bool allow_label_like_input = false;        ///< skip the label-map check of read_case
-  Device device = Device::cpu();              ///< where the network runs
+  Device device = Device::cpu();              ///< where the network runs (tiles go there and back)
+  DType compute_dtype = DType::f32;           ///< activations: float32, or float16 / bfloat16 on CUDA
   TileProgress progress;                      ///< per batch of tiles
 };
 
@@ -600,7 +601,8 @@ class Predictor {
     std::shared_ptr<const nn::STUNet> net = net_;
     return [net](const Tensor& x) {
       NoGradGuard no_grad;
-      return net->forward(x)[0];
+      const Device dev = net->device();
+      return net->forward(x.device() == dev ? x : x.to(dev))[0];
     };
   }
 
@@ -620,8 +622,13 @@ class Predictor {
   /// its spacing and affine. Returns labels on the image's grid.
   CasePrediction predict(const data::Image& image, const PredictOptions& o = {}) const {
     data::check_image(image, "predict");
-    STUNET_CHECK(o.device.is_cpu(), "predict: device {}: the STU-Net forward pass has no CUDA implementation in this "
-                 "build yet; use the cpu device", o.device);
+    STUNET_CHECK(o.compute_dtype == DType::f32 ||
+                     (o.device.is_cuda() && (o.compute_dtype == DType::f16 || o.compute_dtype == DType::bf16)),
+                 "predict: compute dtype {} on {}: float16 / bfloat16 run on CUDA only", o.compute_dtype, o.device);
+    // The model moves to the device of the request (once; later calls on the
+    // same device find it there).
+    net_->to(o.device);
+    net_->set_compute_dtype(o.compute_dtype);
     STUNET_CHECK(image.channels() == plan_.network.in_channels,
                  "predict: the model takes {} input channel(s) ({}), the image has {} (shape {})",
                  plan_.network.in_channels, fmt::join(plan_.channel_names, ", "), image.channels(), image.data.shape());

@@ -32,8 +32,14 @@ class Conv3d : public Module {
         "weight", Tensor::zeros({out_channels, in_channels, kernel[0], kernel[1], kernel[2]}, dtype));
     bias = register_parameter("bias", Tensor::zeros({out_channels}, dtype));
   }
-  /// x: [N, Cin, D, H, W] -> [N, Cout, D', H', W'].
-  Tensor forward(const Tensor& x) const { return conv3d(x, weight, bias, options_); }
+  /// x: [N, Cin, D, H, W] -> [N, Cout, D', H', W']. Computes in x's dtype:
+  /// with float16/bfloat16 activations (mixed precision) the float32 master
+  /// weights are cast for this call, differentiably, so their gradients
+  /// arrive in float32.
+  Tensor forward(const Tensor& x) const {
+    if (x.dtype() != weight.dtype()) return conv3d(x, weight.to(x.dtype()), bias.to(x.dtype()), options_);
+    return conv3d(x, weight, bias, options_);
+  }
   /// He (Kaiming normal, fan in) initialisation with leaky-ReLU slope `a` for
   /// the weight, zeros for the bias: nnU-Net v1's InitWeights_He(1e-2).
   void init_he(Generator& gen, double a = 1e-2) {
@@ -59,8 +65,11 @@ class InstanceNorm3d : public Module {
     weight = register_parameter("weight", Tensor::ones({channels}, dtype));
     bias = register_parameter("bias", Tensor::zeros({channels}, dtype));
   }
-  /// x: [N, C, D, H, W] -> same shape.
-  Tensor forward(const Tensor& x) const { return instance_norm(x, weight, bias, 1e-5); }
+  /// x: [N, C, D, H, W] -> same shape, in x's dtype (weights cast as in Conv3d).
+  Tensor forward(const Tensor& x) const {
+    if (x.dtype() != weight.dtype()) return instance_norm(x, weight.to(x.dtype()), bias.to(x.dtype()), 1e-5);
+    return instance_norm(x, weight, bias, 1e-5);
+  }
   Tensor weight, bias;
 };
 

@@ -71,6 +71,22 @@ class Module {
     for (auto& [name, child] : children_) child->train(on);
   }
   void eval() { train(false); }
+
+  /// Moves every parameter to `device` in place (torch's module.to(device)):
+  /// the parameter objects keep their identity, so handles held elsewhere
+  /// follow; gradients are dropped. Create the optimiser after the move (its
+  /// momentum buffers are made on the parameters' device).
+  void to(Device device) {
+    for (auto& [k, t] : named_parameters()) {
+      if (t.device() == device) continue;
+      t.set_data(t.detach().contiguous().to(device));
+    }
+  }
+  /// The device of the parameters (the host for a module without any).
+  Device device() const {
+    StateDict p = named_parameters();
+    return p.empty() ? Device::cpu() : p.front().second.device();
+  }
   bool is_training() const { return training_; }
 
   /// Copies tensors from `state` into the parameters of the same name

@@ -64,7 +64,7 @@ inline void validate(const STUNetConfig& c) {
 /// only the full-resolution one when deep_supervision is off.
 class STUNet : public Module {
  public:
-  explicit STUNet(const STUNetConfig& config, DType dtype = DType::f32) : config_(config) {
+  explicit STUNet(const STUNetConfig& config, DType dtype = DType::f32) : config_(config), compute_dtype_(dtype) {
     validate(config);
     const auto& d = config.dims;
     const Int3 one{1, 1, 1};
@@ -109,7 +109,10 @@ class STUNet : public Module {
                    x.shape(), x.size(2 + a), a, f);
     }
     std::vector<Tensor> skips;
-    Tensor h = x;
+    // Mixed precision: activations in the compute dtype, outputs back in the
+    // parameters' dtype so that the loss runs in float32 (as under autocast).
+    const DType param_dtype = (*seg_outputs)[4].weight.dtype();
+    Tensor h = x.dtype() == compute_dtype_ ? x : x.to(compute_dtype_);
     for (int s = 0; s < 5; ++s) {
       h = (*conv_blocks_context)[s].forward(h);
       skips.push_back(h);
@@ -122,8 +125,20 @@ class STUNet : public Module {
       h = (*conv_blocks_localization)[u].forward(h);
       if (config_.deep_supervision || u == 4) outputs.push_back((*seg_outputs)[u].forward(h));
     }
+    if (compute_dtype_ != param_dtype)
+      for (Tensor& o : outputs) o = o.to(param_dtype);
     return {outputs.rbegin(), outputs.rend()};
   }
+
+  /// The dtype of the activations: the parameters' (float32) by default;
+  /// float16 or bfloat16 for mixed precision on CUDA (float32 master weights,
+  /// cast per layer; float32 outputs and loss). float16 training needs loss
+  /// scaling (optim::GradScaler); bfloat16 has float32's range and does not.
+  void set_compute_dtype(DType dtype) {
+    STUNET_CHECK(is_floating(dtype), "STUNet::set_compute_dtype: {} is not a float dtype", dtype);
+    compute_dtype_ = dtype;
+  }
+  DType compute_dtype() const { return compute_dtype_; }
 
   /// nnU-Net v1's InitWeights_He(1e-2) over every conv, from a seed.
   void init_he(std::uint64_t seed) {
@@ -145,6 +160,7 @@ class STUNet : public Module {
 
  private:
   STUNetConfig config_;
+  DType compute_dtype_ = DType::f32;
 };
 
 /// Parameters of a configuration without building it (bias included).

@@ -23,7 +23,12 @@ class LeakyReluBackward final : public Node {
   std::vector<Tensor> apply(const Tensor& grad_output) override {
     Tensor ref = saved(0).contiguous();
     Tensor g = grad_output.contiguous();
-    Tensor dx = Tensor::empty(ref.shape(), ref.dtype());
+    Tensor dx = Tensor::empty(ref.shape(), ref.dtype(), ref.device());
+    if (ref.device().is_cuda()) {
+      detail::cuda_entry(cuda_kernels().leaky_relu_backward, "leaky_relu backward")(
+          ref.dtype(), ref.raw_data(), g.raw_data(), dx.raw_data(), slope_, ref.numel(), ref.device().index);
+      return {dx};
+    }
     dispatch_float(ref.dtype(), "leaky_relu backward", [&]<class T>() {
       cpu::leaky_relu_backward(ref.data<T>(), g.data<T>(), dx.data<T>(), static_cast<T>(slope_), ref.numel());
     });
@@ -41,12 +46,16 @@ class LeakyReluBackward final : public Node {
 /// shape. Differentiable (the gradient at 0 is negative_slope, as in PyTorch).
 inline Tensor leaky_relu(const Tensor& x, double negative_slope = 0.01) {
   STUNET_CHECK(x.defined(), "leaky_relu: undefined input");
-  detail::check_cpu(x, "leaky_relu");
   Tensor xc = x.detach().contiguous();  // detach: no side node for the copy
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  dispatch_float(x.dtype(), "leaky_relu", [&]<class T>() {
-    cpu::leaky_relu(xc.data<T>(), out.data<T>(), static_cast<T>(negative_slope), x.numel());
-  });
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    detail::cuda_entry(cuda_kernels().leaky_relu, "leaky_relu")(x.dtype(), xc.raw_data(), out.raw_data(),
+                                                                negative_slope, x.numel(), x.device().index);
+  } else {
+    dispatch_float(x.dtype(), "leaky_relu", [&]<class T>() {
+      cpu::leaky_relu(xc.data<T>(), out.data<T>(), static_cast<T>(negative_slope), x.numel());
+    });
+  }
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::LeakyReluBackward>(negative_slope);
     node->save(negative_slope >= 0.0 ? out : xc);
@@ -66,7 +75,6 @@ inline Tensor leaky_relu(const Tensor& x, double negative_slope = 0.01) {
 /// the input only for negative_slope >= 0.
 inline Tensor leaky_relu_(Tensor& x, double negative_slope = 0.01) {
   STUNET_CHECK(x.defined(), "leaky_relu_: undefined input");
-  detail::check_cpu(x, "leaky_relu_");
   STUNET_CHECK(!(grad_enabled() && x.is_leaf() && x.requires_grad()),
                "leaky_relu_: in-place write into a leaf tensor that requires grad (shape {}); use leaky_relu() or "
                "detach it first",
@@ -76,7 +84,16 @@ inline Tensor leaky_relu_(Tensor& x, double negative_slope = 0.01) {
                "leaky_relu_: negative_slope {} < 0 is not differentiable in place (the backward needs the sign of "
                "the input, which the output no longer shows); use leaky_relu() (tensor of shape {})",
                negative_slope, x.shape());
-  dispatch_float(x.dtype(), "leaky_relu_", [&]<class T>() {
+  if (x.device().is_cuda()) {
+    auto fn = detail::cuda_entry(cuda_kernels().leaky_relu, "leaky_relu_");
+    if (x.is_contiguous()) {
+      fn(x.dtype(), x.raw_data(), x.raw_data(), negative_slope, x.numel(), x.device().index);
+    } else {
+      Tensor tmp = detail::dense_copy(x, x.dtype());
+      fn(x.dtype(), tmp.raw_data(), tmp.raw_data(), negative_slope, tmp.numel(), x.device().index);
+      x.detach().copy_(tmp);
+    }
+  } else dispatch_float(x.dtype(), "leaky_relu_", [&]<class T>() {
     if (x.is_contiguous()) {
       cpu::leaky_relu(x.data<T>(), x.data<T>(), static_cast<T>(negative_slope), x.numel());
     } else {

@@ -39,19 +39,20 @@ inline Conv3dProblem conv3d_problem(const Tensor& x, const Tensor& weight, const
                x.size(1), weight.shape(), weight.size(1));
   STUNET_CHECK(x.dtype() == weight.dtype(), "conv3d: input {} is {} but weight {} is {}", x.shape(), x.dtype(),
                weight.shape(), weight.dtype());
-  STUNET_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64,
-               "conv3d: input {} and weight {} are {}; conv3d computes in float32 or float64", x.shape(),
-               weight.shape(), x.dtype());
-  STUNET_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
-               "conv3d: no CUDA implementation in this build (input {} on {}, weight {} on {})", x.shape(),
-               x.device(), weight.shape(), weight.device());
+  STUNET_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64 ||
+                   (x.device().is_cuda() && (x.dtype() == DType::f16 || x.dtype() == DType::bf16)),
+               "conv3d: input {} and weight {} are {} on {}; conv3d computes in float32 or float64 (and float16 / "
+               "bfloat16 on CUDA)",
+               x.shape(), weight.shape(), x.dtype(), x.device());
+  STUNET_CHECK(x.device() == weight.device(), "conv3d: input {} on {} but weight {} on {}", x.shape(), x.device(),
+               weight.shape(), weight.device());
   if (bias.defined()) {
     STUNET_CHECK(bias.rank() == 1 && bias.size(0) == weight.size(0),
                  "conv3d: bias of shape {} must be [{}] for weight {}", bias.shape(), weight.size(0),
                  weight.shape());
     STUNET_CHECK(bias.dtype() == x.dtype(), "conv3d: bias {} is {} but input {} is {}", bias.shape(), bias.dtype(),
                  x.shape(), x.dtype());
-    STUNET_CHECK(bias.device().is_cpu(), "conv3d: bias {} is on {}, input {} on {}", bias.shape(), bias.device(),
+    STUNET_CHECK(bias.device() == x.device(), "conv3d: bias {} is on {}, input {} on {}", bias.shape(), bias.device(),
                  x.shape(), x.device());
   }
   for (int a = 0; a < 3; ++a) {
@@ -113,16 +114,23 @@ class Conv3dBackward final : public Node {
 /// x: [N, Cin, D, H, W]; weight: [Cout, Cin, kD, kH, kW]; bias: [Cout] or an
 /// undefined Tensor() for none; returns [N, Cout, Do, Ho, Wo] with
 /// Do = (D + 2*padding[0] - kD) / stride[0] + 1 (likewise Ho, Wo).
-/// float32 or float64, host tensors, all of one dtype; any strides.
+/// float32 or float64 on the host; float32/float64/float16/bfloat16 on one
+/// CUDA device (accumulating in float); all of one dtype; any strides.
 inline Tensor conv3d(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), Conv3dOptions opt = {}) {
   const Conv3dProblem p = detail::conv3d_problem(x, weight, bias, opt);
   Tensor xc = detail::dense_detached(x);
   Tensor wc = detail::dense_detached(weight);
   Tensor bc = bias.defined() ? detail::dense_detached(bias) : Tensor();
-  Tensor out = Tensor::empty(Shape{p.N, p.K, p.out_d(), p.out_h(), p.out_w()}, x.dtype());
-  dispatch_float(x.dtype(), "conv3d", [&]<class T>() {
-    cpu::conv3d_forward<T>(p, xc.data<T>(), wc.data<T>(), bc.defined() ? bc.data<T>() : nullptr, out.data<T>());
-  });
+  Tensor out = Tensor::empty(Shape{p.N, p.K, p.out_d(), p.out_h(), p.out_w()}, x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    require_cuda_kernel(cuda_kernels().conv3d_fprop, "conv3d")(p, x.dtype(), xc.raw_data(), wc.raw_data(),
+                                                               bc.defined() ? bc.raw_data() : nullptr, out.raw_data(),
+                                                               x.device().index);
+  } else {
+    dispatch_float(x.dtype(), "conv3d", [&]<class T>() {
+      cpu::conv3d_forward<T>(p, xc.data<T>(), wc.data<T>(), bc.defined() ? bc.data<T>() : nullptr, out.data<T>());
+    });
+  }
   if (autograd::should_record({x, weight, bias})) {
     auto node = std::make_shared<autograd::Conv3dBackward>(p, xc, wc);
     autograd::connect(*node, {x, weight, bias});
@@ -138,6 +146,26 @@ inline std::vector<Tensor> autograd::Conv3dBackward::apply(const Tensor& grad_ou
   const bool need_x = needs_input_grad(0), need_w = needs_input_grad(1), need_b = needs_input_grad(2);
   const Tensor x = need_w ? saved(x_slot_) : Tensor();
   const Tensor w = need_x ? saved(weight_slot_) : Tensor();
+  if (g.device().is_cuda()) {
+    const Device dev = g.device();
+    const CudaKernels& k = cuda_kernels();
+    if (need_x) {
+      grads[0] = Tensor::empty(Shape{p.N, p.C, p.D, p.H, p.W}, g.dtype(), dev);
+      require_cuda_kernel(k.conv3d_dgrad, "conv3d backward")(p, g.dtype(), g.raw_data(), w.raw_data(),
+                                                             grads[0].raw_data(), dev.index);
+    }
+    if (need_w) {
+      grads[1] = Tensor::empty(Shape{p.K, p.C, p.T, p.R, p.S}, g.dtype(), dev);
+      require_cuda_kernel(k.conv3d_wgrad, "conv3d backward")(p, g.dtype(), x.raw_data(), g.raw_data(),
+                                                             grads[1].raw_data(), dev.index);
+    }
+    if (need_b) {
+      grads[2] = Tensor::empty(Shape{p.K}, g.dtype(), dev);
+      require_cuda_kernel(k.conv3d_bgrad, "conv3d backward")(p, g.dtype(), g.raw_data(), grads[2].raw_data(),
+                                                             dev.index);
+    }
+    return grads;
+  }
   dispatch_float(g.dtype(), "Conv3dBackward", [&]<class T>() {
     if (need_x) {
       grads[0] = Tensor::empty(Shape{p.N, p.C, p.D, p.H, p.W}, g.dtype());

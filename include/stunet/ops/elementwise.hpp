@@ -21,6 +21,9 @@ inline void check_cpu(const Tensor& t, const char* op) {
   STUNET_CHECK(t.device().is_cpu(), "{}: no CUDA implementation in this build for a tensor on {} (shape {})", op,
                t.device(), t.shape());
 }
+/// The kernel table entry `fn` for an op on CUDA tensors (throws when the
+/// program has no CUDA kernels; see core/cuda_kernels.hpp).
+template <class F> F cuda_entry(F fn, const char* op) { return require_cuda_kernel(fn, op); }
 }  // namespace detail
 
 namespace autograd {
@@ -55,12 +58,16 @@ class SumBackward final : public Node {
 /// a + b, elementwise. a, b: same shape, dtype and device.
 inline Tensor add(const Tensor& a, const Tensor& b) {
   detail::check_same(a, b, "add");
-  detail::check_cpu(a, "add");
-  Tensor ac = a.contiguous(), bc = b.contiguous();
-  Tensor out = Tensor::empty(a.shape(), a.dtype());
-  dispatch_float(a.dtype(), "add", [&]<class T>() {
-    cpu::add(ac.data<T>(), bc.data<T>(), out.data<T>(), a.numel());
-  });
+  Tensor ac = a.detach().contiguous(), bc = b.detach().contiguous();
+  Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
+  if (a.device().is_cuda()) {
+    detail::cuda_entry(cuda_kernels().add, "add")(a.dtype(), ac.raw_data(), bc.raw_data(), 1.0, out.raw_data(),
+                                                  a.numel(), a.device().index);
+  } else {
+    dispatch_float(a.dtype(), "add", [&]<class T>() {
+      cpu::add(ac.data<T>(), bc.data<T>(), out.data<T>(), a.numel());
+    });
+  }
   if (autograd::should_record({a, b})) {
     auto node = std::make_shared<autograd::AddBackward>();
     autograd::connect(*node, {a, b});
@@ -71,12 +78,17 @@ inline Tensor add(const Tensor& a, const Tensor& b) {
 
 /// s * x, elementwise (loss weights, averaging). x: any shape, float.
 inline Tensor scale(const Tensor& x, double s) {
-  detail::check_cpu(x, "scale");
-  Tensor xc = x.contiguous();
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  dispatch_float(x.dtype(), "scale", [&]<class T>() {
-    cpu::scale(xc.data<T>(), static_cast<T>(s), out.data<T>(), x.numel());
-  });
+  STUNET_CHECK(x.defined(), "scale: undefined operand");
+  Tensor xc = x.detach().contiguous();
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    detail::cuda_entry(cuda_kernels().scale, "scale")(x.dtype(), xc.raw_data(), s, out.raw_data(), x.numel(),
+                                                      x.device().index);
+  } else {
+    dispatch_float(x.dtype(), "scale", [&]<class T>() {
+      cpu::scale(xc.data<T>(), static_cast<T>(s), out.data<T>(), x.numel());
+    });
+  }
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::ScaleBackward>(s);
     autograd::connect(*node, {x});
@@ -87,13 +99,23 @@ inline Tensor scale(const Tensor& x, double s) {
 
 inline std::vector<Tensor> autograd::ScaleBackward::apply(const Tensor& g) { return {stunet::scale(g, s_)}; }
 
+namespace detail {
+/// Sum of every element in double, on the tensor's device (a GPU sum
+/// synchronises to return it).
+inline double sum_of(const Tensor& x, const char* op) {
+  Tensor xc = x.detach().contiguous();
+  if (x.device().is_cuda())
+    return x.numel() == 0 ? 0.0 : cuda_entry(cuda_kernels().sum, op)(x.dtype(), xc.raw_data(), x.numel(), x.device().index);
+  return dispatch_float(x.dtype(), op, [&]<class T>() { return cpu::sum(xc.data<T>(), x.numel()); });
+}
+}  // namespace detail
+
 /// Sum of all elements as a one-element tensor of shape [] (rank 0),
 /// accumulated in double.
 inline Tensor sum(const Tensor& x) {
-  detail::check_cpu(x, "sum");
-  Tensor xc = x.contiguous();
-  double total = dispatch_float(x.dtype(), "sum", [&]<class T>() { return cpu::sum(xc.data<T>(), x.numel()); });
-  Tensor out = Tensor::full(Shape{}, total, x.dtype());
+  STUNET_CHECK(x.defined(), "sum: undefined operand");
+  const double total = detail::sum_of(x, "sum");
+  Tensor out = Tensor::full(Shape{}, total, x.dtype(), x.device());
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::SumBackward>(x.shape(), 1.0);
     autograd::connect(*node, {x});
@@ -105,11 +127,9 @@ inline Tensor sum(const Tensor& x) {
 /// Mean of all elements as a rank-0 tensor (accumulated in double).
 inline Tensor mean(const Tensor& x) {
   STUNET_CHECK(x.numel() > 0, "mean: empty tensor of shape {}", x.shape());
-  detail::check_cpu(x, "mean");
-  Tensor xc = x.contiguous();
   const double inv = 1.0 / static_cast<double>(x.numel());
-  double total = dispatch_float(x.dtype(), "mean", [&]<class T>() { return cpu::sum(xc.data<T>(), x.numel()); });
-  Tensor out = Tensor::full(Shape{}, total * inv, x.dtype());
+  const double total = detail::sum_of(x, "mean");
+  Tensor out = Tensor::full(Shape{}, total * inv, x.dtype(), x.device());
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::SumBackward>(x.shape(), inv);
     autograd::connect(*node, {x});

@@ -22,8 +22,14 @@ class UpsampleNearestBackward final : public Node {
   std::string name() const override { return "UpsampleNearest3DBackward"; }
   std::vector<Tensor> apply(const Tensor& grad_output) override {
     Tensor g = grad_output.contiguous();
-    Tensor dx = Tensor::empty(input_shape_, g.dtype());
+    Tensor dx = Tensor::empty(input_shape_, g.dtype(), g.device());
     const Shape& s = input_shape_;
+    if (g.device().is_cuda()) {
+      detail::cuda_entry(cuda_kernels().upsample_nearest_backward, "upsample_nearest backward")(
+          g.dtype(), g.raw_data(), dx.raw_data(), s[0] * s[1], s[2], s[3], s[4], scale_[0], scale_[1], scale_[2],
+          g.device().index);
+      return {dx};
+    }
     dispatch_float(g.dtype(), "upsample_nearest backward", [&]<class T>() {
       cpu::upsample_nearest_backward(g.data<T>(), dx.data<T>(), s[0] * s[1], s[2], s[3], s[4], scale_[0], scale_[1],
                                      scale_[2]);
@@ -49,14 +55,20 @@ inline Tensor upsample_nearest(const Tensor& x, std::array<int, 3> scale) {
   STUNET_CHECK(scale[0] >= 1 && scale[1] >= 1 && scale[2] >= 1,
                "upsample_nearest: scale factors must be positive integers, got ({}, {}, {}) for input of shape {}",
                scale[0], scale[1], scale[2], x.shape());
-  detail::check_cpu(x, "upsample_nearest");
   const Shape& s = x.shape();
   Shape out_shape{s[0], s[1], s[2] * scale[0], s[3] * scale[1], s[4] * scale[2]};
   Tensor xc = x.detach().contiguous();  // detach: no side node for the copy
-  Tensor out = Tensor::empty(out_shape, x.dtype());
-  dispatch_float(x.dtype(), "upsample_nearest", [&]<class T>() {
-    cpu::upsample_nearest(xc.data<T>(), out.data<T>(), s[0] * s[1], s[2], s[3], s[4], scale[0], scale[1], scale[2]);
-  });
+  Tensor out = Tensor::empty(out_shape, x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    detail::cuda_entry(cuda_kernels().upsample_nearest, "upsample_nearest")(
+        x.dtype(), xc.raw_data(), out.raw_data(), s[0] * s[1], s[2], s[3], s[4], scale[0], scale[1], scale[2],
+        x.device().index);
+  } else {
+    dispatch_float(x.dtype(), "upsample_nearest", [&]<class T>() {
+      cpu::upsample_nearest(xc.data<T>(), out.data<T>(), s[0] * s[1], s[2], s[3], s[4], scale[0], scale[1],
+                            scale[2]);
+    });
+  }
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::UpsampleNearestBackward>(s, scale);
     autograd::connect(*node, {x});

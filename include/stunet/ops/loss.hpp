@@ -30,10 +30,12 @@ inline Tensor loss_class_labels(const Tensor& input, const Tensor& target, const
   STUNET_CHECK(input.defined() && target.defined(), "{}: undefined {} or target", op, input_name);
   const int r = input.rank();
   STUNET_CHECK(r >= 2, "{}: {} must be [N, C, spatial...], got shape {}", op, input_name, input.shape());
-  STUNET_CHECK(input.dtype() == DType::f32 || input.dtype() == DType::f64,
-               "{}: {} must be float32 or float64, got {} (shape {})", op, input_name, input.dtype(), input.shape());
-  check_cpu(input, op);
-  check_cpu(target, op);
+  STUNET_CHECK(input.dtype() == DType::f32 || input.dtype() == DType::f64 ||
+                   (input.device().is_cuda() && is_floating(input.dtype())),
+               "{}: {} must be float32 or float64 (or float16 / bfloat16 on CUDA), got {} on {} (shape {})", op,
+               input_name, input.dtype(), input.device(), input.shape());
+  STUNET_CHECK(input.device() == target.device(), "{}: {} of shape {} is on {} but target of shape {} on {}", op,
+               input_name, input.shape(), input.device(), target.shape(), target.device());
   const std::int64_t N = input.size(0), C = input.size(1);
   STUNET_CHECK(C >= 1, "{}: {} of shape {} has no classes", op, input_name, input.shape());
   STUNET_CHECK(input.numel() > 0, "{}: {} of shape {} is empty (the mean over no voxels is undefined)", op,
@@ -62,11 +64,16 @@ inline Tensor loss_class_labels(const Tensor& input, const Tensor& target, const
 
   const std::int64_t V = input.numel() / (N * C);
   Tensor tc = target.detach().contiguous();
-  Tensor labels = Tensor::empty(Shape{N, V}, DType::i32);
-  const std::int64_t bad = dispatch_all(target.dtype(), [&]<class L>() {
-    return cpu::class_labels(tc.data<L>(), labels.data<std::int32_t>(), N * V, C);
-  });
+  Tensor labels = Tensor::empty(Shape{N, V}, DType::i32, input.device());
+  const std::int64_t bad =
+      input.device().is_cuda()
+          ? cuda_entry(cuda_kernels().class_labels, op)(target.dtype(), tc.raw_data(), labels.data<std::int32_t>(),
+                                                        N * V, C, input.device().index)
+          : dispatch_all(target.dtype(), [&]<class L>() {
+              return cpu::class_labels(tc.data<L>(), labels.data<std::int32_t>(), N * V, C);
+            });
   if (bad >= 0) {
+    if (!tc.device().is_cpu()) tc = tc.to(Device::cpu());  // for the message only
     const double value = dispatch_all(target.dtype(), [&]<class L>() { return to_double(tc.data<L>()[bad]); });
     // The position as [n, spatial...] so a bad voxel can be found in the volume.
     std::string where = fmt::format("[{}", bad / V);
@@ -99,8 +106,14 @@ class CrossEntropyBackward final : public Node {
   std::vector<Tensor> apply(const Tensor& g) override {
     Tensor x = saved(0), labels = saved(1), lse = saved(2);
     const std::int64_t N = x.size(0), C = x.size(1), V = labels.size(1);
-    Tensor dx = Tensor::empty(x.shape(), x.dtype());
+    Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
     const double factor = g.item() / static_cast<double>(N * V);
+    if (x.device().is_cuda()) {
+      detail::cuda_entry(cuda_kernels().cross_entropy_backward, "cross_entropy backward")(
+          x.dtype(), x.raw_data(), labels.data<std::int32_t>(), lse.raw_data(), dx.raw_data(), N, C, V, factor,
+          x.device().index);
+      return {dx};
+    }
     dispatch_float(x.dtype(), "cross_entropy backward", [&]<class T>() {
       cpu::cross_entropy_backward(x.data<T>(), labels.data<std::int32_t>(), lse.data<T>(), dx.data<T>(), N, C, V,
                                   static_cast<T>(factor));
@@ -126,7 +139,12 @@ class SoftDiceBackward final : public Node {
       a[i] = gv * a_[i];
       b[i] = gv * b_[i];
     }
-    Tensor dx = Tensor::empty(shape_, g.dtype());
+    Tensor dx = Tensor::empty(shape_, g.dtype(), g.device());
+    if (g.device().is_cuda()) {
+      detail::cuda_entry(cuda_kernels().dice_backward, "soft_dice_loss backward")(
+          g.dtype(), labels.data<std::int32_t>(), dx.raw_data(), N, C, V, a.data(), b.data(), g.device().index);
+      return {dx};
+    }
     dispatch_float(g.dtype(), "soft_dice_loss backward", [&]<class T>() {
       cpu::dice_backward(labels.data<std::int32_t>(), dx.data<T>(), N, C, V, a.data(), b.data());
     });
@@ -153,11 +171,16 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target) {
   Tensor labels = detail::loss_class_labels(logits, target, "cross_entropy", "logits");
   const std::int64_t N = logits.size(0), C = logits.size(1), V = labels.size(1);
   Tensor xc = logits.detach().contiguous();
-  Tensor lse = Tensor::empty(Shape{N, V}, logits.dtype());
-  const double total = dispatch_float(logits.dtype(), "cross_entropy", [&]<class T>() {
-    return cpu::cross_entropy_forward(xc.data<T>(), labels.data<std::int32_t>(), lse.data<T>(), N, C, V);
-  });
-  Tensor out = Tensor::full(Shape{}, total / static_cast<double>(N * V), logits.dtype());
+  Tensor lse = Tensor::empty(Shape{N, V}, logits.dtype(), logits.device());
+  const double total =
+      logits.device().is_cuda()
+          ? detail::cuda_entry(cuda_kernels().cross_entropy_forward, "cross_entropy")(
+                logits.dtype(), xc.raw_data(), labels.data<std::int32_t>(), lse.raw_data(), N, C, V,
+                logits.device().index)
+          : dispatch_float(logits.dtype(), "cross_entropy", [&]<class T>() {
+              return cpu::cross_entropy_forward(xc.data<T>(), labels.data<std::int32_t>(), lse.data<T>(), N, C, V);
+            });
+  Tensor out = Tensor::full(Shape{}, total / static_cast<double>(N * V), logits.dtype(), logits.device());
   if (autograd::should_record({logits})) {
     auto node = std::make_shared<autograd::CrossEntropyBackward>();
     node->save(xc);
@@ -199,9 +222,16 @@ inline Tensor soft_dice_loss(const Tensor& probs, const Tensor& target, SoftDice
 
   const std::size_t rows = static_cast<std::size_t>(N * C);
   std::vector<double> inter(rows, 0.0), pred(rows, 0.0), gt(rows, 0.0);
-  dispatch_float(probs.dtype(), "soft_dice_loss", [&]<class T>() {
-    cpu::dice_sums(pc.data<T>(), labels.data<std::int32_t>(), N, C, V, c0, inter.data(), pred.data(), gt.data());
-  });
+  if (probs.device().is_cuda()) {
+    detail::cuda_entry(cuda_kernels().dice_sums, "soft_dice_loss")(probs.dtype(), pc.raw_data(),
+                                                                   labels.data<std::int32_t>(), N, C, V, c0,
+                                                                   inter.data(), pred.data(), gt.data(),
+                                                                   probs.device().index);
+  } else {
+    dispatch_float(probs.dtype(), "soft_dice_loss", [&]<class T>() {
+      cpu::dice_sums(pc.data<T>(), labels.data<std::int32_t>(), N, C, V, c0, inter.data(), pred.data(), gt.data());
+    });
+  }
 
   // Group k of row (n, c): c with batch_dice, (n, c) otherwise.
   const std::int64_t groups_n = opt.batch_dice ? 1 : N;
@@ -233,7 +263,7 @@ inline Tensor soft_dice_loss(const Tensor& probs, const Tensor& target, SoftDice
       da[k] = -2.0 / (static_cast<double>(K) * den);
       db[k] = clipped ? 0.0 : num / (static_cast<double>(K) * den * den);
     }
-  Tensor out = Tensor::full(Shape{}, -dc_sum / static_cast<double>(K), probs.dtype());
+  Tensor out = Tensor::full(Shape{}, -dc_sum / static_cast<double>(K), probs.dtype(), probs.device());
 
   if (autograd::should_record({probs})) {
     std::vector<double> a(rows, 0.0), b(rows, 0.0);

@@ -23,11 +23,17 @@ class InstanceNormBackward final : public Node {
   InstanceNormBackward(std::vector<double> mean, std::vector<double> rstd, std::int64_t N, std::int64_t C,
                        std::int64_t S, bool has_weight)
       : mean_(std::move(mean)), rstd_(std::move(rstd)), N_(N), C_(C), S_(S), has_weight_(has_weight) {}
+  /// On a GPU the statistics stay there: [N*C] float (double for f64) tensors.
+  InstanceNormBackward(Tensor mean, Tensor rstd, std::int64_t N, std::int64_t C, std::int64_t S, bool has_weight)
+      : mean_dev_(std::move(mean)), rstd_dev_(std::move(rstd)), N_(N), C_(C), S_(S), has_weight_(has_weight) {}
   std::string name() const override { return "InstanceNormBackward"; }
   std::vector<Tensor> apply(const Tensor& grad_output) override;
 
  private:
+  std::vector<Tensor> apply_cuda(const Tensor& grad_output);
+
   std::vector<double> mean_, rstd_;
+  Tensor mean_dev_, rstd_dev_;
   std::int64_t N_, C_, S_;
   bool has_weight_;
 };
@@ -44,7 +50,6 @@ inline Tensor instance_norm(const Tensor& x, const Tensor& weight, const Tensor&
   STUNET_CHECK(x.defined(), "instance_norm: undefined input");
   STUNET_CHECK(x.rank() >= 3, "instance_norm: input must be [N, C, spatial...] (rank 3 to 5), got shape {}",
                x.shape());
-  detail::check_cpu(x, "instance_norm");
   STUNET_CHECK(eps >= 0.0, "instance_norm: eps must be non-negative, got {} (input shape {})", eps, x.shape());
   const std::int64_t N = x.size(0), C = x.size(1);
   const std::int64_t S = x.numel() / std::max<std::int64_t>(1, N * C);
@@ -58,14 +63,36 @@ inline Tensor instance_norm(const Tensor& x, const Tensor& weight, const Tensor&
                  what, p->shape(), C, x.shape(), C);
     STUNET_CHECK(p->dtype() == x.dtype(), "instance_norm: {} dtype {} differs from input dtype {} (input shape {})",
                  what, p->dtype(), x.dtype(), x.shape());
-    detail::check_cpu(*p, "instance_norm");
+    STUNET_CHECK(p->device() == x.device(), "instance_norm: {} on {} but input of shape {} on {}", what,
+                 p->device(), x.shape(), x.device());
   }
 
   Tensor xc = x.detach().contiguous();  // detach: no side node for the copy
   Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
   Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   const std::int64_t planes = N * C;
+  if (x.device().is_cuda()) {
+    // Statistics in float (double for f64) on the device, kept there for backward.
+    const DType stat = x.dtype() == DType::f64 ? DType::f64 : DType::f32;
+    Tensor mean_d = Tensor::empty(Shape{planes}, stat, x.device()), rstd_d = Tensor::empty(Shape{planes}, stat, x.device());
+    const int dev = x.device().index;
+    if (planes > 0) {
+      detail::cuda_entry(cuda_kernels().instance_norm_stats, "instance_norm")(x.dtype(), xc.raw_data(), planes, S, eps,
+                                                                             mean_d.raw_data(), rstd_d.raw_data(), dev);
+      detail::cuda_entry(cuda_kernels().instance_norm_forward, "instance_norm")(
+          x.dtype(), xc.raw_data(), mean_d.raw_data(), rstd_d.raw_data(), wc.defined() ? wc.raw_data() : nullptr,
+          bc.defined() ? bc.raw_data() : nullptr, out.raw_data(), planes, C, S, dev);
+    }
+    if (autograd::should_record({x, weight, bias})) {
+      auto node = std::make_shared<autograd::InstanceNormBackward>(mean_d, rstd_d, N, C, S, weight.defined());
+      node->save(xc);
+      if (weight.defined()) node->save(wc);
+      autograd::connect(*node, {x, weight, bias});
+      autograd::set_history(out, std::move(node));
+    }
+    return out;
+  }
   std::vector<double> mean(static_cast<std::size_t>(planes)), rstd(static_cast<std::size_t>(planes));
   dispatch_float(x.dtype(), "instance_norm", [&]<class T>() {
     cpu::instance_norm_stats(xc.data<T>(), planes, S, eps, mean.data(), rstd.data());
@@ -84,7 +111,42 @@ inline Tensor instance_norm(const Tensor& x, const Tensor& weight, const Tensor&
   return out;
 }
 
+inline std::vector<Tensor> autograd::InstanceNormBackward::apply_cuda(const Tensor& grad_output) {
+  const bool need_x = needs_input_grad(0), need_w = needs_input_grad(1), need_b = needs_input_grad(2);
+  Tensor x = saved(0);
+  Tensor w = has_weight_ ? saved(1) : Tensor();
+  Tensor g = grad_output.contiguous();
+  const std::int64_t planes = N_ * C_;
+  const int dev = x.device().index;
+  Tensor sum_g = Tensor::empty(Shape{planes}, mean_dev_.dtype(), x.device());
+  Tensor sum_gx = Tensor::empty(Shape{planes}, mean_dev_.dtype(), x.device());
+  Tensor dx, dw, db;
+  if (planes > 0)
+    detail::cuda_entry(cuda_kernels().instance_norm_backward_sums, "instance_norm backward")(
+        x.dtype(), x.raw_data(), g.raw_data(), mean_dev_.raw_data(), rstd_dev_.raw_data(), planes, S_,
+        sum_g.raw_data(), sum_gx.raw_data(), dev);
+  if (need_x) {
+    dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+    if (planes > 0)
+      detail::cuda_entry(cuda_kernels().instance_norm_backward_input, "instance_norm backward")(
+          x.dtype(), x.raw_data(), g.raw_data(), mean_dev_.raw_data(), rstd_dev_.raw_data(),
+          w.defined() ? w.raw_data() : nullptr, sum_g.raw_data(), sum_gx.raw_data(), dx.raw_data(), planes, C_, S_,
+          dev);
+  }
+  auto reduce_over_batch = [&](const Tensor& per_plane) {
+    Tensor r = Tensor::empty(Shape{C_}, x.dtype(), x.device());
+    if (C_ > 0)
+      detail::cuda_entry(cuda_kernels().sum_planes_over_batch, "instance_norm backward")(
+          x.dtype(), per_plane.raw_data(), r.raw_data(), N_, C_, dev);
+    return r;
+  };
+  if (need_w) dw = reduce_over_batch(sum_gx);
+  if (need_b) db = reduce_over_batch(sum_g);
+  return {dx, dw, db};
+}
+
 inline std::vector<Tensor> autograd::InstanceNormBackward::apply(const Tensor& grad_output) {
+  if (mean_dev_.defined()) return apply_cuda(grad_output);
   const bool need_x = needs_input_grad(0), need_w = needs_input_grad(1), need_b = needs_input_grad(2);
   Tensor x = saved(0);
   Tensor w = has_weight_ ? saved(1) : Tensor();

@@ -50,6 +50,17 @@ class ConcatBackward final : public Node {
     const std::int64_t total = os[dim_] * inner;
     std::vector<Tensor> grads(input_shapes_.size());
     std::int64_t offset = 0;
+    if (g.device().is_cuda()) {
+      // Each input's gradient is a slice of g along dim: one strided copy.
+      std::int64_t start = 0;
+      for (std::size_t i = 0; i < input_shapes_.size(); ++i) {
+        if (needs_input_grad(i))
+          grads[i] = detail::dense_copy(make_view(g, input_shapes_[i], g.strides(), g.storage_offset() + start * inner),
+                                        g.dtype());
+        start += input_shapes_[i][dim_];
+      }
+      return grads;
+    }
     dispatch_float(g.dtype(), "concat backward", [&]<class T>() {
       for (std::size_t i = 0; i < input_shapes_.size(); ++i) {
         const std::int64_t len = input_shapes_[i][dim_] * inner;
@@ -98,7 +109,8 @@ inline Tensor concat(const std::vector<Tensor>& xs, int dim = 1) {
                detail::format_shapes(xs));
   std::int64_t total = 0;
   for (const Tensor& t : xs) {
-    detail::check_cpu(t, "concat");
+    STUNET_CHECK(t.device() == x0.device(), "concat: tensors on {} and {} (shapes {})", x0.device(), t.device(),
+                 detail::format_shapes(xs));
     STUNET_CHECK(t.dtype() == x0.dtype(), "concat: dtypes differ: {} vs {} (shapes {})", x0.dtype(), t.dtype(),
                  detail::format_shapes(xs));
     bool same = t.rank() == r;
@@ -109,10 +121,17 @@ inline Tensor concat(const std::vector<Tensor>& xs, int dim = 1) {
   }
   Shape out_shape = x0.shape();
   out_shape[d] = total;
-  Tensor out = Tensor::empty(out_shape, x0.dtype());
+  Tensor out = Tensor::empty(out_shape, x0.dtype(), x0.device());
   const std::int64_t outer = detail::extent_product(out_shape, 0, d);
   const std::int64_t inner = detail::extent_product(out_shape, d + 1, r);
-  dispatch_float(x0.dtype(), "concat", [&]<class T>() {
+  if (x0.device().is_cuda()) {
+    // Each input lands in a slice of out along dim: one strided copy each.
+    std::int64_t start = 0;
+    for (const Tensor& t : xs) {
+      if (t.numel() > 0) make_view(out, t.shape(), out.strides(), start * inner).copy_(t.detach());
+      start += t.shape()[d];
+    }
+  } else dispatch_float(x0.dtype(), "concat", [&]<class T>() {
     std::int64_t offset = 0;
     for (const Tensor& t : xs) {
       Tensor tc = t.detach().contiguous();
@@ -140,7 +159,6 @@ inline Tensor concat(const std::vector<Tensor>& xs, int dim = 1) {
 /// mirroring every spatial axis. Returns a new tensor; differentiable.
 inline Tensor flip(const Tensor& x, const std::vector<int>& dims) {
   STUNET_CHECK(x.defined(), "flip: undefined input");
-  detail::check_cpu(x, "flip");
   const int r = x.rank();
   bool flags[5] = {false, false, false, false, false};
   std::vector<int> norm;
@@ -155,8 +173,21 @@ inline Tensor flip(const Tensor& x, const std::vector<int>& dims) {
   std::int64_t n[5] = {1, 1, 1, 1, 1};
   for (int i = 0; i < r; ++i) n[5 - r + i] = x.shape()[i];
   Tensor xc = x.detach().contiguous();  // detach: no side node for the copy
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  dispatch_float(x.dtype(), "flip", [&]<class T>() { cpu::flip(xc.data<T>(), out.data<T>(), n, flags); });
+  Tensor out;
+  if (x.device().is_cuda()) {
+    // A view with negative strides along the flipped axes, made dense.
+    Shape strides = xc.strides();
+    std::int64_t offset = xc.storage_offset();
+    for (int d : norm) {
+      if (x.shape()[d] > 0) offset += (x.shape()[d] - 1) * strides[d];
+      strides[d] = -strides[d];
+    }
+    out = x.numel() > 0 ? detail::dense_copy(make_view(xc, x.shape(), strides, offset), x.dtype())
+                        : Tensor::empty(x.shape(), x.dtype(), x.device());
+  } else {
+    out = Tensor::empty(x.shape(), x.dtype());
+    dispatch_float(x.dtype(), "flip", [&]<class T>() { cpu::flip(xc.data<T>(), out.data<T>(), n, flags); });
+  }
   if (autograd::should_record({x})) {
     auto node = std::make_shared<autograd::FlipBackward>(std::move(norm));
     autograd::connect(*node, {x});

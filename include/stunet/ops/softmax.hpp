@@ -32,8 +32,14 @@ class SoftmaxBackward final : public Node {
   std::vector<Tensor> apply(const Tensor& g) override {
     Tensor y = saved(0);
     Tensor gc = g.contiguous();
-    Tensor dx = Tensor::empty(y.shape(), y.dtype());
+    Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
     const detail::AxisSplit s = detail::split_at_axis(y.shape(), dim_);
+    if (y.device().is_cuda()) {
+      if (y.numel() > 0)
+        detail::cuda_entry(cuda_kernels().softmax_backward, "softmax backward")(
+            y.dtype(), y.raw_data(), gc.raw_data(), dx.raw_data(), s.outer, s.size, s.inner, y.device().index);
+      return {dx};
+    }
     dispatch_float(y.dtype(), "softmax backward", [&]<class T>() {
       cpu::softmax_backward(y.data<T>(), gc.data<T>(), dx.data<T>(), s.outer, s.size, s.inner);
     });
@@ -51,17 +57,20 @@ class SoftmaxBackward final : public Node {
 /// default dim 1 is the channel axis. Returns a tensor of x's shape and dtype.
 inline Tensor softmax(const Tensor& x, int dim = 1) {
   STUNET_CHECK(x.defined(), "softmax: undefined input");
-  detail::check_cpu(x, "softmax");
   const int r = x.rank();
   const int d = dim < 0 ? dim + r : dim;
   STUNET_CHECK(d >= 0 && d < r, "softmax: dim {} out of range for a tensor of shape {}", dim, x.shape());
-  STUNET_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64,
-               "softmax: input must be float32 or float64, got {} (shape {})", x.dtype(), x.shape());
+  STUNET_CHECK(is_floating(x.dtype()), "softmax: input must be a float tensor, got {} (shape {})", x.dtype(),
+               x.shape());
   // Detached so that densifying a strided input records no stray node.
   Tensor xc = x.detach().contiguous();
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   const detail::AxisSplit s = detail::split_at_axis(x.shape(), d);
-  if (x.numel() > 0) {
+  if (x.device().is_cuda()) {
+    if (x.numel() > 0)
+      detail::cuda_entry(cuda_kernels().softmax_forward, "softmax")(x.dtype(), xc.raw_data(), out.raw_data(), s.outer,
+                                                                    s.size, s.inner, x.device().index);
+  } else if (x.numel() > 0) {
     dispatch_float(x.dtype(), "softmax", [&]<class T>() {
       cpu::softmax_forward(xc.data<T>(), out.data<T>(), s.outer, s.size, s.inner);
     });

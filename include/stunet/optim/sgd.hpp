@@ -41,7 +41,9 @@ struct ParamGroup {
 
 /// SGD with momentum / Nesterov / weight decay over parameter groups.
 /// Parameters without a gradient are skipped (as torch does for grad None).
-/// Parameters and gradients: float32 or float64 host tensors of equal shape.
+/// Parameters and gradients: float32 or float64 tensors of equal shape, on
+/// the host or a CUDA device (the update then runs there, in the same
+/// per-element arithmetic).
 class SGD {
  public:
   /// One group holding every parameter at options.lr.
@@ -60,9 +62,8 @@ class SGD {
     STUNET_CHECK(lr >= 0.0, "SGD: learning rate {} < 0", lr);
     for (const auto& [name, t] : params) {
       STUNET_CHECK(!buffers_.count(name) && !names_.count(name), "SGD: parameter '{}' is in two groups", name);
-      STUNET_CHECK(t.defined() && (t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.device().is_cpu() &&
-                       t.is_contiguous(),
-                   "SGD: parameter '{}' must be a contiguous float32/float64 host tensor (got {} on {})", name,
+      STUNET_CHECK(t.defined() && (t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.is_contiguous(),
+                   "SGD: parameter '{}' must be a contiguous float32/float64 tensor (got {} on {})", name,
                    t.defined() ? dtype_name(t.dtype()) : "undefined", t.defined() ? fmt::format("{}", t.device()) : std::string("-"));
       names_.insert({name, groups_.size()});
     }
@@ -92,7 +93,19 @@ class SGD {
                      grad.shape(), dtype_name(p.dtype()), p.shape());
         auto it = buffers_.find(name);
         const bool first = it == buffers_.end();
-        if (first && options_.momentum != 0.0) it = buffers_.emplace(name, Tensor::zeros(p.shape(), p.dtype())).first;
+        STUNET_CHECK(grad.device() == p.device(), "SGD: gradient of '{}' is on {}, the parameter on {}", name,
+                     grad.device(), p.device());
+        if (first && options_.momentum != 0.0)
+          it = buffers_.emplace(name, Tensor::zeros(p.shape(), p.dtype(), p.device())).first;
+        if (p.device().is_cuda()) {
+          if (p.numel() > 0)
+            require_cuda_kernel(cuda_kernels().sgd_step, "SGD::step")(
+                p.dtype(), p.raw_data(), grad.raw_data(), options_.momentum != 0.0 ? it->second.raw_data() : nullptr,
+                p.numel(), group.lr, group.weight_decay, options_.momentum, options_.dampening, options_.nesterov,
+                first, 1.0, p.device().index);
+          p.storage()->bump_version();
+          continue;
+        }
         dispatch_float(p.dtype(), "SGD::step", [&]<class T>() {
           T* w = p.data<T>();
           const T* g = grad.data<T>();
@@ -134,7 +147,7 @@ class SGD {
       const Tensor& p = find_param(name);
       STUNET_CHECK(t.shape() == p.shape(), "SGD: saved momentum for '{}' has shape {}, the parameter {}", name,
                    t.shape(), p.shape());
-      loaded[name] = t.to(p.dtype()).contiguous().clone();
+      loaded[name] = t.to(p.dtype()).to(p.device()).contiguous().clone();
     }
     buffers_ = std::move(loaded);
   }
@@ -169,7 +182,13 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm)
   for (const Tensor& p : params) {
     const Tensor& g = p.grad();
     if (!g.defined()) continue;
-    STUNET_CHECK(g.is_contiguous() && g.device().is_cpu(), "clip_grad_norm: gradient of shape {} must be contiguous on the host", g.shape());
+    STUNET_CHECK(g.is_contiguous(), "clip_grad_norm: gradient of shape {} must be contiguous", g.shape());
+    if (g.device().is_cuda()) {
+      if (g.numel() > 0)
+        sum_sq += require_cuda_kernel(cuda_kernels().sum_squares, "clip_grad_norm")(g.dtype(), g.raw_data(), g.numel(),
+                                                                                     g.device().index);
+      continue;
+    }
     dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
       const T* d = g.data<T>();
       const std::int64_t n = g.numel();
@@ -185,6 +204,13 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm)
     for (const Tensor& p : params) {
       const Tensor& g = p.grad();
       if (!g.defined()) continue;
+      if (g.device().is_cuda()) {
+        // In the gradient's dtype, as the host loop below: d * (T)coef.
+        if (g.numel() > 0)
+          require_cuda_kernel(cuda_kernels().scale, "clip_grad_norm")(g.dtype(), g.raw_data(), coef, g.raw_data(),
+                                                                       g.numel(), g.device().index);
+        continue;
+      }
       dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
         T* d = g.data<T>();
         const T c = static_cast<T>(coef);

@@ -29,6 +29,7 @@
 #include "stunet/autograd/grad_mode.hpp"
 #include "stunet/data/loader.hpp"
 #include "stunet/nn/stunet.hpp"
+#include "stunet/optim/grad_scaler.hpp"
 #include "stunet/optim/sgd.hpp"
 #include "stunet/train/checkpoint.hpp"
 #include "stunet/train/deep_supervision.hpp"
@@ -52,6 +53,12 @@ struct TrainerOptions {
   bool progress = true;              ///< progress bar on stderr
   std::vector<std::string> label_names;  ///< for the log's column names
   nlohmann::json extra = nlohmann::json::object();  ///< stored in checkpoints (plan, dataset ...)
+  /// Where the model trains: the Trainer moves the model there (batches are
+  /// assembled on the host by the loader and copied over per step).
+  Device device = Device::cpu();
+  /// Activation dtype: float32, or float16 / bfloat16 mixed precision on CUDA
+  /// (float32 master weights; float16 adds dynamic loss scaling).
+  DType compute_dtype = DType::f32;
 };
 
 /// One epoch's figures.
@@ -118,6 +125,16 @@ class Trainer {
                    "Trainer: patch {}x{}x{} is not divisible by the pooling product {} on axis {}",
                    options_.loader.patch[0], options_.loader.patch[1], options_.loader.patch[2], f, a);
     }
+    STUNET_CHECK(options_.compute_dtype == DType::f32 || options_.compute_dtype == DType::f64 ||
+                     (options_.device.is_cuda() &&
+                      (options_.compute_dtype == DType::f16 || options_.compute_dtype == DType::bf16)),
+                 "Trainer: compute dtype {} on {}: mixed precision (float16 / bfloat16) runs on CUDA only",
+                 options_.compute_dtype, options_.device);
+    // Before the optimiser groups: the momentum buffers follow the parameters.
+    net_.to(options_.device);
+    if (options_.compute_dtype == DType::f16 || options_.compute_dtype == DType::bf16)
+      net_.set_compute_dtype(options_.compute_dtype);
+    scaler_ = optim::GradScaler(optim::GradScalerOptions{.enabled = options_.compute_dtype == DType::f16});
     nn::StateDict backbone, head;
     for (auto& [k, p] : net_.named_parameters()) (k.rfind("seg_outputs.", 0) == 0 ? head : backbone).emplace_back(k, p);
     sgd_.add_group(std::move(backbone), options_.lr * options_.backbone_lr_factor);
@@ -150,19 +167,30 @@ class Trainer {
     return history_;
   }
 
-  /// One optimiser step on a batch; returns the loss.
+  /// One optimiser step on a batch (host or device tensors); returns the
+  /// loss. With float16 loss scaling, a step whose gradients overflowed is
+  /// skipped (the scale backs off) and the loss is still returned.
   double train_step(const data::Batch& batch) {
     sgd_.zero_grad();
-    const auto outputs = net_.forward(batch.image);
-    const Tensor loss = deep_supervision_loss(outputs, deep_supervision_targets(batch.label, net_.config()), weights_);
+    const auto outputs = net_.forward(batch.image.to(options_.device));
+    const Tensor loss = deep_supervision_loss(outputs, targets_on_device(batch.label), weights_);
     const double value = loss.item();
     if (!std::isfinite(value)) return value;  // the caller stops; no update from a broken step
-    loss.backward();
-    const double norm = optim::clip_grad_norm(net_.parameters(), options_.grad_clip);
+    scaler_.scale(loss).backward();
+    const std::vector<Tensor> params = net_.parameters();
+    if (scaler_.unscale_(params)) {
+      scaler_.update(true);
+      return value;
+    }
+    const double norm = optim::clip_grad_norm(params, options_.grad_clip);
     if (!std::isfinite(norm)) return std::nan("");
     sgd_.step();
+    scaler_.update(false);
     return value;
   }
+
+  /// The loss scaler (disabled unless the compute dtype is float16).
+  const optim::GradScaler& grad_scaler() const { return scaler_; }
 
   /// Validation: loss and per-class pseudo Dice over the fixed validation
   /// batches (no augmentation, the same foreground oversampling).
@@ -183,8 +211,8 @@ class Trainer {
     double loss_sum = 0;
     for (int b = 0; b < options_.validation_batches; ++b) {
       const data::Batch batch = data::make_batch(*val_, vo, b);
-      const auto outputs = net_.forward(batch.image);
-      loss_sum += deep_supervision_loss(outputs, deep_supervision_targets(batch.label, net_.config()), weights_).item();
+      const auto outputs = net_.forward(batch.image.to(options_.device));
+      loss_sum += deep_supervision_loss(outputs, targets_on_device(batch.label), weights_).item();
       accumulate_confusion(outputs[0], batch.label, tp, fp, fn);
     }
     r.val_loss = loss_sum / options_.validation_batches;
@@ -212,11 +240,19 @@ class Trainer {
   }
 
  private:
+  /// The deep-supervision targets (nearest-downsampled on the host) on the training device.
+  std::vector<Tensor> targets_on_device(const Tensor& label) const {
+    std::vector<Tensor> t = deep_supervision_targets(label.to(Device::cpu()), net_.config());
+    if (!options_.device.is_cpu())
+      for (Tensor& x : t) x = x.to(options_.device);
+    return t;
+  }
+
   /// argmax of logits [N, K, ...] against labels [N, 1, ...]: TP/FP/FN per class.
   static void accumulate_confusion(const Tensor& logits, const Tensor& labels, std::vector<double>& tp,
                                    std::vector<double>& fp, std::vector<double>& fn) {
-    const Tensor x = logits.to(DType::f32).contiguous();
-    const Tensor y = labels.to(DType::i32).contiguous();
+    const Tensor x = logits.to(Device::cpu()).to(DType::f32).contiguous();
+    const Tensor y = labels.to(Device::cpu()).to(DType::i32).contiguous();
     const std::int64_t N = x.size(0), K = x.size(1), V = x.numel() / (N * K);
     const float* px = x.data<float>();
     const std::int32_t* py = y.data<std::int32_t>();
@@ -335,6 +371,7 @@ class Trainer {
   std::shared_ptr<const std::vector<data::TrainingCase>> train_, val_;
   TrainerOptions options_;
   optim::SGD sgd_;
+  optim::GradScaler scaler_;
   std::vector<double> weights_ = deep_supervision_weights(5);
   std::int64_t epoch_ = 0;
   std::vector<EpochRecord> history_;
