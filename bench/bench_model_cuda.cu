@@ -21,6 +21,7 @@
 #include "stunet/optim/grad_scaler.hpp"
 #include "stunet/optim/sgd.hpp"
 #include "stunet/train/deep_supervision.hpp"
+#include "stunet/train/targets.hpp"
 
 using namespace stunet;
 
@@ -46,9 +47,9 @@ template <class F> double time_ms(F&& body) {
   cudaEvent_t a, b;
   STUNET_CUDA_CHECK(cudaEventCreate(&a));
   STUNET_CUDA_CHECK(cudaEventCreate(&b));
-  STUNET_CUDA_CHECK(cudaEventRecord(a, cuda::stream(0)));
+  STUNET_CUDA_CHECK(cudaEventRecord(a, stunet::cuda::stream(0)));
   body();
-  STUNET_CUDA_CHECK(cudaEventRecord(b, cuda::stream(0)));
+  STUNET_CUDA_CHECK(cudaEventRecord(b, stunet::cuda::stream(0)));
   STUNET_CUDA_CHECK(cudaEventSynchronize(b));
   float ms = 0;
   STUNET_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -107,9 +108,9 @@ void BM_train_step(benchmark::State& state, std::string preset, DType dt, int pa
     scaler.update(false);
   };
   step();  // first step: momentum buffers, cache warm-up
-  const auto before = cuda::allocator_stats(0);
+  const auto before = stunet::cuda::allocator_stats(0);
   for (auto _ : state) state.SetIterationTime(time_ms(step) / 1e3);
-  const auto after = cuda::allocator_stats(0);
+  const auto after = stunet::cuda::allocator_stats(0);
   const double flops = 3 * 2.0 * 2 * static_cast<double>(nn::forward_macs(net.config(), {patch, patch, patch}));
   state.counters["TFLOP/s"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["cudaMalloc"] = static_cast<double>(after.device_mallocs - before.device_mallocs);
@@ -124,9 +125,9 @@ void BM_train_step(benchmark::State& state, std::string preset, DType dt, int pa
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
+  if (stunet::cuda::device_count() == 0) {
     std::printf("stunet_bench_model_cuda: no CUDA device visible; nothing to measure\n");
-    return 0;
+    return 1;  // a run that measured nothing must not look like a success
   }
   for (const char* preset : {"small", "base"})
     for (DType dt : {DType::f32, DType::f16, DType::bf16}) {

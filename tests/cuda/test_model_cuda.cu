@@ -18,6 +18,7 @@
 #include "stunet/optim/grad_scaler.hpp"
 #include "stunet/optim/sgd.hpp"
 #include "stunet/train/deep_supervision.hpp"
+#include "stunet/train/targets.hpp"
 
 using namespace stunet;
 
@@ -200,9 +201,9 @@ TEST_CASE("cuda model: a steady-state training step allocates no device memory")
   net.to(Device::cuda(0));
   optim::SGD sgd(net.named_parameters(), {.lr = 0.01});
   for (int i = 0; i < 2; ++i) train_step(net, sgd, tiny_batch(200 + static_cast<std::uint64_t>(i)), Device::cuda(0));
-  const auto before = cuda::allocator_stats(0);
+  const auto before = stunet::cuda::allocator_stats(0);
   for (int i = 2; i < 5; ++i) train_step(net, sgd, tiny_batch(200 + static_cast<std::uint64_t>(i)), Device::cuda(0));
-  const auto after = cuda::allocator_stats(0);
+  const auto after = stunet::cuda::allocator_stats(0);
   MESSAGE(fmt::format("3 steady steps: {} allocations served, {} reached cudaMalloc", after.allocations - before.allocations,
                       after.device_mallocs - before.device_mallocs));
   CHECK(after.allocations > before.allocations);  // the counter counts

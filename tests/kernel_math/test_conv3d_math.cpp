@@ -54,11 +54,10 @@ Conv3dProblem make(int N, int C, std::array<int, 3> in, int K, std::array<int, 3
 }
 
 /// The geometries of STU-Net (3x3x3 pad 1 stride 1 / 2 / (1,2,2); the
-/// 1-channel stem; 1x1x1
-/// stride 1 / 2 / (1,2,2); the 105-class head) at odd extents, plus edge
-/// cases: no padding, padding as large as the kernel, an anisotropic kernel
-/// and stride, channel counts over 32 (the wide tile) and over 64 (two N
-/// tiles), several M tiles and several wgrad splits.
+/// 1-channel stem; 1x1x1 stride 1 / 2 / (1,2,2); the 105-class head) at odd
+/// extents, plus edge cases: no padding, padding as large as the kernel, an
+/// anisotropic kernel and stride, channel counts over 32 (the wide tile) and
+/// over 64 (two N tiles), several M tiles and several wgrad splits.
 std::vector<Case> cases() {
   const std::array<int, 3> odd{3, 5, 7}, k3{3, 3, 3}, k1{1, 1, 1}, p0{0, 0, 0}, p1{1, 1, 1}, s1{1, 1, 1},
       s2{2, 2, 2}, s122{1, 2, 2};

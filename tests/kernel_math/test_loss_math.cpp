@@ -102,12 +102,35 @@ double emulate_cross_entropy_forward(const T* x, const std::int32_t* labels, T* 
   return total;
 }
 
+/// The two-dimensional grid of the elementwise backward kernels (y: rows,
+/// x: voxels, both grid-stride): calls body(row, n, c, v) for every thread's
+/// elements and checks that each element is visited exactly once.
+template <class F> void emulate_row_grid(std::int64_t N, std::int64_t C, std::int64_t V, F body) {
+  const std::int64_t rows = N * C;
+  std::int64_t bx, by;
+  lm::row_grid(rows, V, 256, bx, by);
+  std::vector<int> visits(static_cast<std::size_t>(rows * V), 0);
+  for (std::int64_t y = 0; y < by; ++y)
+    for (std::int64_t x = 0; x < bx; ++x)
+      for (std::int64_t t = 0; t < 256; ++t)
+        for (std::int64_t row = y; row < rows; row += by) {
+          const std::int64_t n = row / C;
+          for (std::int64_t v = x * 256 + t; v < V; v += bx * 256) {
+            ++visits[static_cast<std::size_t>(row * V + v)];
+            body(row, n, static_cast<std::int32_t>(row - n * C), v);
+          }
+        }
+  CHECK(std::all_of(visits.begin(), visits.end(), [](int k) { return k == 1; }));
+}
+
 template <class T>
 void emulate_cross_entropy_backward(const T* x, const std::int32_t* labels, const T* lse, T* dx, std::int64_t N,
                                     std::int64_t C, std::int64_t V, double factor) {
-  for (std::int64_t i = 0; i < N * C * V; ++i)
-    dx[i] = lm::cross_entropy_backward_element<lm::accum_t<T>>(x, labels, lse, i, C, V,
-                                                               static_cast<lm::accum_t<T>>(factor));
+  using A = lm::accum_t<T>;
+  emulate_row_grid(N, C, V, [&](std::int64_t row, std::int64_t n, std::int32_t c, std::int64_t v) {
+    dx[row * V + v] =
+        lm::cross_entropy_backward_element<A>(x + row * V, labels + n * V, lse + n * V, c, v, static_cast<A>(factor));
+  });
 }
 
 /// dice_sums_kernel (rows x chunks blocks) + ordered_sum_kernel + the host scatter.
@@ -160,9 +183,9 @@ void emulate_dice_sums(const T* p, const std::int32_t* labels, std::int64_t N, s
 template <class T>
 void emulate_dice_backward(const std::int32_t* labels, T* dx, std::int64_t N, std::int64_t C, std::int64_t V,
                            const double* a, const double* b) {
-  std::vector<double> ab(a, a + N * C);
-  ab.insert(ab.end(), b, b + N * C);
-  for (std::int64_t i = 0; i < N * C * V; ++i) dx[i] = lm::dice_backward_element<T>(labels, ab.data(), i, C, V, N * C);
+  emulate_row_grid(N, C, V, [&](std::int64_t row, std::int64_t n, std::int32_t c, std::int64_t v) {
+    dx[row * V + v] = lm::dice_backward_element<T>(labels + n * V, c, v, a[row], b[row]);
+  });
 }
 
 struct Ncv {
@@ -186,6 +209,9 @@ TEST_CASE_TEMPLATE("cuda loss math: softmax columns match cpu::softmax", T, floa
     cpu::softmax_forward(x.data<T>(), y_ref.data<T>(), s.N, s.C, s.V);
     emulate_softmax_forward(x.data<T>(), y.data<T>(), s.N, s.C, s.V);
     CHECK(rel_diff(values<T>(y), values<T>(y_ref)) < tol<T>());
+    Tensor x2 = x.clone();  // in place (y over x), which the forward kernel allows
+    emulate_softmax_forward(x2.data<T>(), x2.data<T>(), s.N, s.C, s.V);
+    CHECK(values<T>(x2) == values<T>(y));
 
     Tensor dx_ref = Tensor::empty(x.shape(), dt), dx = Tensor::empty(x.shape(), dt);
     cpu::softmax_backward(y_ref.data<T>(), g.data<T>(), dx_ref.data<T>(), s.N, s.C, s.V);
@@ -323,7 +349,42 @@ TEST_CASE_TEMPLATE("cuda loss math: dice sums and backward match cpu::dice_*", T
   }
 }
 
-TEST_CASE("cuda loss math: reduction geometry") {
+TEST_CASE("cuda loss math: elementwise backward grids stride over rows and voxels") {
+  // More rows than grid.y allows (65535), and more voxels than 1024 blocks
+  // of 256 threads cover in one round.
+  for (Ncv s : {Ncv{1, 70001, 3}, Ncv{1, 2, 300007}}) {
+    CAPTURE(s.C);
+    CAPTURE(s.V);
+    const Shape shape{s.N, s.C, s.V};
+    Tensor x = random_tensor(shape, DType::f32, 41, -3.0, 3.0);
+    Tensor labels = random_labels(Shape{s.N, s.V}, static_cast<int>(std::min<std::int64_t>(s.C, 1000)), 42, DType::i32);
+    const std::int32_t* lb = labels.data<std::int32_t>();
+    Tensor lse = Tensor::empty(Shape{s.N, s.V}, DType::f32);
+    cpu::cross_entropy_forward(x.data<float>(), lb, lse.data<float>(), s.N, s.C, s.V);
+    Tensor dx_ref = Tensor::empty(shape, DType::f32), dx = Tensor::empty(shape, DType::f32);
+    cpu::cross_entropy_backward(x.data<float>(), lb, lse.data<float>(), dx_ref.data<float>(), s.N, s.C, s.V, 0.5f);
+    emulate_cross_entropy_backward(x.data<float>(), lb, lse.data<float>(), dx.data<float>(), s.N, s.C, s.V, 0.5);
+    CHECK(rel_diff(values<float>(dx), values<float>(dx_ref)) < tol<float>());
+
+    std::vector<double> a(static_cast<std::size_t>(s.N * s.C)), b(a.size());
+    for (std::size_t r = 0; r < a.size(); ++r) {
+      a[r] = 1.0 / static_cast<double>(r + 3);
+      b[r] = -0.25 / static_cast<double>(r + 1);
+    }
+    cpu::dice_backward(lb, dx_ref.data<float>(), s.N, s.C, s.V, a.data(), b.data());
+    emulate_dice_backward(lb, dx.data<float>(), s.N, s.C, s.V, a.data(), b.data());
+    CHECK(values<float>(dx) == values<float>(dx_ref));
+  }
+}
+
+TEST_CASE("cuda loss math: reduction and grid geometry") {
+  std::int64_t bx, by;
+  lm::row_grid(2 * 105, 128 * 128 * 128, 256, bx, by);
+  CHECK(bx == 1024);
+  CHECK(by == 210);
+  lm::row_grid(100000, 3, 256, bx, by);
+  CHECK(bx == 1);
+  CHECK(by == 65535);
   CHECK(lm::reduce_blocks(0) == 1);
   CHECK(lm::reduce_blocks(1) == 1);
   CHECK(lm::reduce_blocks(257) == 2);

@@ -65,9 +65,10 @@ inline unsigned exact_blocks(std::int64_t n, int block, const char* op) {
 
 // ---- kernels ------------------------------------------------------------------
 
+/// y = softmax(x) over C for each of the cols = outer * inner columns of
+/// [outer, C, inner]. y may alias x (each x[c] is read before y[c] is written).
 template <class T>
-__global__ void softmax_forward_kernel(const T* __restrict__ x, T* __restrict__ y, std::int64_t cols, std::int64_t C,
-                                       std::int64_t inner) {
+__global__ void softmax_forward_kernel(const T* x, T* y, std::int64_t cols, std::int64_t C, std::int64_t inner) {
   const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t col = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; col < cols; col += step) {
     const std::int64_t base = lm::column_base(col, C, inner);
@@ -75,9 +76,9 @@ __global__ void softmax_forward_kernel(const T* __restrict__ x, T* __restrict__ 
   }
 }
 
-// No __restrict__ on g and dx: the backward may be asked to overwrite the
-// incoming gradient, which the column loop allows (g[c] is read before dx[c]
-// is written, and the dot product is complete before any write).
+/// dx = y * (g - sum_c g * y) for each column of [outer, C, inner]. No
+/// __restrict__ on g and dx: dx may overwrite g, which the column loop allows
+/// (the dot product is complete before any write, and g[c] is read before dx[c]).
 template <class T>
 __global__ void softmax_backward_kernel(const T* __restrict__ y, const T* g, T* dx, std::int64_t cols,
                                         std::int64_t C, std::int64_t inner) {
@@ -88,10 +89,11 @@ __global__ void softmax_backward_kernel(const T* __restrict__ y, const T* g, T* 
   }
 }
 
-// first_bad starts at n; a thread that finds a bad value lowers it. The
-// minimum does not depend on the order of the atomics, so the reported index
-// is the smallest one whatever the scheduling; the plain read first skips
-// the atomic when a smaller index is already known.
+/// out[i] = in[i] as a class index for i < n; *first_bad (initially n) is
+/// lowered to every bad index. The minimum does not depend on the order of
+/// the atomics, so the reported index is the smallest whatever the
+/// scheduling; the plain read first skips the atomic when a smaller index is
+/// already known.
 template <class L>
 __global__ void class_labels_kernel(const L* __restrict__ in, std::int32_t* __restrict__ out, std::int64_t n,
                                     std::int64_t classes, unsigned long long* first_bad) {
@@ -130,23 +132,32 @@ __global__ void __launch_bounds__(lm::kReduceThreads)
 }
 
 /// out[o] = sum_k partials[o * count + k], k in increasing order: the second,
-/// order-fixing pass of every reduction here (count is at most a few thousand).
-__global__ void ordered_sum_kernel(const double* __restrict__ partials, std::int64_t count, std::int64_t outputs,
-                                   double* __restrict__ out) {
+/// order-fixing pass of every reduction here (count is at most a few
+/// thousand). A template (S = double) only so that including this header in
+/// several .cu files does not define the kernel twice.
+template <class S>
+__global__ void ordered_sum_kernel(const S* __restrict__ partials, std::int64_t count, std::int64_t outputs,
+                                   S* __restrict__ out) {
   const std::int64_t o = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= outputs) return;
-  double acc = 0.0;
+  S acc = S(0);
   for (std::int64_t k = 0; k < count; ++k) acc += partials[o * count + k];
   out[o] = acc;
 }
 
+/// dx [N, C, V] from x, lse [N, V] and labels; grid lm::row_grid (y: rows n * C + c, x: voxels).
 template <class T>
 __global__ void cross_entropy_backward_kernel(const T* __restrict__ x, const std::int32_t* __restrict__ labels,
-                                              const T* __restrict__ lse, T* __restrict__ dx, std::int64_t total,
+                                              const T* __restrict__ lse, T* __restrict__ dx, std::int64_t rows,
                                               std::int64_t C, std::int64_t V, acc_t<T> factor) {
   const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step)
-    dx[i] = lm::cross_entropy_backward_element<acc_t<T>>(x, labels, lse, i, C, V, factor);
+  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const std::int64_t n = row / C;
+    const auto c = static_cast<std::int32_t>(row - n * C);
+    for (std::int64_t v = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += step)
+      dx[row * V + v] =
+          lm::cross_entropy_backward_element<acc_t<T>>(x + row * V, labels + n * V, lse + n * V, c, v, factor);
+  }
 }
 
 /// Block b = r * chunks + k sums chunk k of Dice row r (lm::dice_row) and
@@ -186,16 +197,24 @@ __global__ void __launch_bounds__(lm::kReduceThreads)
   }
 }
 
+/// dx [N, C, V] from labels and ab = {a[0..rows), b[0..rows)}, rows = N * C; grid lm::row_grid.
 template <class T>
-__global__ void dice_backward_kernel(const std::int32_t* __restrict__ labels, T* __restrict__ dx, std::int64_t total,
-                                     std::int64_t C, std::int64_t V, std::int64_t rows, const double* __restrict__ ab) {
+__global__ void dice_backward_kernel(const std::int32_t* __restrict__ labels, T* __restrict__ dx, std::int64_t rows,
+                                     std::int64_t C, std::int64_t V, const double* __restrict__ ab) {
   const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step)
-    dx[i] = lm::dice_backward_element<T>(labels, ab, i, C, V, rows);
+  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const std::int64_t n = row / C;
+    const auto c = static_cast<std::int32_t>(row - n * C);
+    const double a = ab[row], b = ab[rows + row];
+    for (std::int64_t v = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += step)
+      dx[row * V + v] = lm::dice_backward_element<T>(labels + n * V, c, v, a, b);
+  }
 }
 
 // ---- launchers (the table entries) ------------------------------------------------
+// Contracts as documented in core/cuda_kernels.hpp; device pointers, dense.
 
+/// softmax_forward entry: y = softmax(x) over the middle axis of [outer, C, inner]; y may alias x.
 inline void softmax_forward(DType dtype, const void* x, void* y, std::int64_t outer, std::int64_t C,
                             std::int64_t inner, int device) {
   const std::int64_t cols = outer * inner;
@@ -209,6 +228,7 @@ inline void softmax_forward(DType dtype, const void* x, void* y, std::int64_t ou
   });
 }
 
+/// softmax_backward entry: dx = y * (g - sum_c g * y) over [outer, C, inner]; dx may alias g.
 inline void softmax_backward(DType dtype, const void* y, const void* g, void* dx, std::int64_t outer, std::int64_t C,
                              std::int64_t inner, int device) {
   const std::int64_t cols = outer * inner;
@@ -222,6 +242,7 @@ inline void softmax_backward(DType dtype, const void* y, const void* g, void* dx
   });
 }
 
+/// class_labels entry: out [n] int32 from labels of any dtype; the smallest bad index or -1. Synchronises.
 inline std::int64_t class_labels(DType label_dtype, const void* labels_in, std::int32_t* out, std::int64_t n,
                                  std::int64_t classes, int device) {
   if (n == 0) return -1;
@@ -244,6 +265,7 @@ inline std::int64_t class_labels(DType label_dtype, const void* labels_in, std::
   return first_bad < none ? static_cast<std::int64_t>(first_bad) : -1;
 }
 
+/// cross_entropy_forward entry: lse [N, V] and sum (lse - x[label]) in double from x [N, C, V]. Synchronises.
 inline double cross_entropy_forward(DType dtype, const void* x, const std::int32_t* labels, void* lse, std::int64_t N,
                                     std::int64_t C, std::int64_t V, int device) {
   const std::int64_t count = N * V;
@@ -259,7 +281,7 @@ inline double cross_entropy_forward(DType dtype, const void* x, const std::int32
     STUNET_CUDA_CHECK_LAUNCH(
         fmt::format("cross_entropy_forward_kernel {} [N={}, C={}, V={}]", dtype_name(dtype), N, C, V).c_str());
   });
-  ordered_sum_kernel<<<1, 32, 0, s>>>(partials, blocks, 1, partials + blocks);
+  ordered_sum_kernel<double><<<1, 32, 0, s>>>(partials, blocks, 1, partials + blocks);
   STUNET_CUDA_CHECK_LAUNCH(fmt::format("ordered_sum_kernel (cross_entropy_forward, {} partials)", blocks).c_str());
   double total = 0.0;
   STUNET_CUDA_CHECK(cudaMemcpyAsync(&total, partials + blocks, sizeof total, cudaMemcpyDeviceToHost, s));
@@ -267,21 +289,25 @@ inline double cross_entropy_forward(DType dtype, const void* x, const std::int32
   return total;
 }
 
+/// cross_entropy_backward entry: dx [N, C, V] = (exp(x - lse) - onehot) * factor.
 inline void cross_entropy_backward(DType dtype, const void* x, const std::int32_t* labels, const void* lse, void* dx,
                                    std::int64_t N, std::int64_t C, std::int64_t V, double factor, int device) {
-  const std::int64_t total = N * C * V;
-  if (total == 0) return;
+  if (N * C * V == 0) return;
   DeviceGuard guard(device);
+  std::int64_t bx, by;
+  lm::row_grid(N * C, V, kBlock, bx, by);
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   dispatch_cuda_float(dtype, "cross_entropy_backward", [&]<class T>() {
     // factor rounded to the arithmetic type first, as the CPU op's static_cast<T>(factor).
-    cross_entropy_backward_kernel<T><<<grid_for(total), kBlock, 0, stream(device)>>>(
-        static_cast<const T*>(x), labels, static_cast<const T*>(lse), static_cast<T*>(dx), total, C, V,
+    cross_entropy_backward_kernel<T><<<grid, kBlock, 0, stream(device)>>>(
+        static_cast<const T*>(x), labels, static_cast<const T*>(lse), static_cast<T*>(dx), N * C, C, V,
         static_cast<acc_t<T>>(factor));
     STUNET_CUDA_CHECK_LAUNCH(
         fmt::format("cross_entropy_backward_kernel {} [N={}, C={}, V={}]", dtype_name(dtype), N, C, V).c_str());
   });
 }
 
+/// dice_sums entry: inter, pred, gt of rows (n, c >= c0) into HOST arrays [N*C]. Synchronises.
 inline void dice_sums(DType dtype, const void* p, const std::int32_t* labels, std::int64_t N, std::int64_t C,
                       std::int64_t V, std::int64_t c0, double* inter, double* pred, double* gt, int device) {
   if (c0 < 0) c0 = 0;
@@ -301,7 +327,8 @@ inline void dice_sums(DType dtype, const void* p, const std::int32_t* labels, st
                                          dtype_name(dtype), N, C, V, c0, chunks)
                                  .c_str());
   });
-  ordered_sum_kernel<<<exact_blocks(3 * rows, kBlock, "dice_sums"), kBlock, 0, s>>>(partials, chunks, 3 * rows, sums);
+  ordered_sum_kernel<double>
+      <<<exact_blocks(3 * rows, kBlock, "dice_sums"), kBlock, 0, s>>>(partials, chunks, 3 * rows, sums);
   STUNET_CUDA_CHECK_LAUNCH(fmt::format("ordered_sum_kernel (dice_sums, {} rows x {} chunks)", rows, chunks).c_str());
   std::vector<double> host(static_cast<std::size_t>(3 * rows));
   STUNET_CUDA_CHECK(cudaMemcpyAsync(host.data(), sums, host.size() * sizeof(double), cudaMemcpyDeviceToHost, s));
@@ -316,10 +343,10 @@ inline void dice_sums(DType dtype, const void* p, const std::int32_t* labels, st
   }
 }
 
+/// dice_backward entry: dx [N, C, V] = a * onehot + b per row; a, b are HOST arrays [N*C].
 inline void dice_backward(DType dtype, const std::int32_t* labels, void* dx, std::int64_t N, std::int64_t C,
                           std::int64_t V, const double* a, const double* b, int device) {
-  const std::int64_t total = N * C * V;
-  if (total == 0) return;
+  if (N * C * V == 0) return;
   DeviceGuard guard(device);
   cudaStream_t s = stream(device);
   const std::int64_t rows = N * C;
@@ -337,9 +364,11 @@ inline void dice_backward(DType dtype, const std::int32_t* labels, void* dx, std
   // here keeps the entry correct for any host memory (one sync per Dice
   // backward, a few per training step).
   STUNET_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::int64_t bx, by;
+  lm::row_grid(rows, V, kBlock, bx, by);
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   dispatch_cuda_float(dtype, "dice_backward", [&]<class T>() {
-    dice_backward_kernel<T><<<grid_for(total), kBlock, 0, s>>>(labels, static_cast<T*>(dx), total, C, V, rows,
-                                                               coeffs.as<double>());
+    dice_backward_kernel<T><<<grid, kBlock, 0, s>>>(labels, static_cast<T*>(dx), rows, C, V, coeffs.as<double>());
     STUNET_CUDA_CHECK_LAUNCH(
         fmt::format("dice_backward_kernel {} [N={}, C={}, V={}]", dtype_name(dtype), N, C, V).c_str());
   });

@@ -175,15 +175,27 @@ STUNET_HOST_DEVICE inline double cross_entropy_voxel(const T* x, const std::int3
   return static_cast<double>(l) - static_cast<double>(static_cast<A>(x[base + labels[j] * V]));
 }
 
-/// dx[i] for i = (n * C + c) * V + v: (exp(x - lse[n, v]) - [label == c]) * factor.
+// The elementwise backward kernels run a two-dimensional grid: y over the
+// rows (n, c) of [N, C, V], x over the voxels of a row, both grid-stride.
+// That keeps 64-bit divisions out of the per-element work (a flat index
+// would need two per element, at 440M elements for STU-Net).
+
+/// Blocks along x (voxels) and y (rows) of the elementwise backward grid.
+STUNET_HOST_DEVICE inline void row_grid(std::int64_t rows, std::int64_t V, int block, std::int64_t& bx,
+                                        std::int64_t& by) {
+  const std::int64_t x = (V + block - 1) / block;
+  bx = x < 1 ? 1 : (x > 1024 ? 1024 : x);
+  by = rows < 1 ? 1 : (rows > 65535 ? 65535 : rows);
+}
+
+/// dx[row, v] of row = n * C + c: (exp(x - lse[n, v]) - [label == c]) * factor.
+/// x, dx are at the row's start (x + row * V); lb and ls at the image's
+/// labels and lse (labels + n * V, lse + n * V).
 template <class A, class T>
-STUNET_HOST_DEVICE inline T cross_entropy_backward_element(const T* x, const std::int32_t* labels, const T* lse,
-                                                           std::int64_t i, std::int64_t C, std::int64_t V, A factor) {
-  const std::int64_t row = i / V;
-  const std::int64_t n = row / C;
-  const std::int64_t j = n * V + (i - row * V);
-  const A onehot = labels[j] == static_cast<std::int32_t>(row - n * C) ? A(1) : A(0);
-  return static_cast<T>((std::exp(static_cast<A>(x[i]) - static_cast<A>(lse[j])) - onehot) * factor);
+STUNET_HOST_DEVICE inline T cross_entropy_backward_element(const T* x_row, const std::int32_t* lb, const T* ls,
+                                                           std::int32_t c, std::int64_t v, A factor) {
+  const A onehot = lb[v] == c ? A(1) : A(0);
+  return static_cast<T>((std::exp(static_cast<A>(x_row[v]) - static_cast<A>(ls[v])) - onehot) * factor);
 }
 
 // ---- soft Dice ------------------------------------------------------------------
@@ -208,16 +220,13 @@ STUNET_HOST_DEVICE inline void dice_accumulate(const T* row, const std::int32_t*
   }
 }
 
-/// dx[i] for i = (n * C + c) * V + v: a[row] * [label == c] + b[row], with
-/// ab = {a[0..rows), b[0..rows)} and rows = N * C; rounded to T as the CPU
-/// op does (a + b in double, then one rounding).
+/// dx[row, v] of row = n * C + c: a * [label == c] + b, with a, b the row's
+/// coefficients, rounded to T as the CPU op does (a + b in double, then one
+/// rounding). lb points at the image's labels (labels + n * V).
 template <class T>
-STUNET_HOST_DEVICE inline T dice_backward_element(const std::int32_t* labels, const double* ab, std::int64_t i,
-                                                  std::int64_t C, std::int64_t V, std::int64_t rows) {
-  const std::int64_t row = i / V;
-  const std::int64_t n = row / C;
-  const bool hit = labels[n * V + (i - row * V)] == static_cast<std::int32_t>(row - n * C);
-  return narrow<T>(hit ? ab[row] + ab[rows + row] : ab[rows + row]);
+STUNET_HOST_DEVICE inline T dice_backward_element(const std::int32_t* lb, std::int32_t c, std::int64_t v, double a,
+                                                  double b) {
+  return narrow<T>(lb[v] == c ? a + b : b);
 }
 
 }  // namespace stunet::cuda::loss_math

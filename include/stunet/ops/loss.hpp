@@ -32,8 +32,8 @@ inline Tensor loss_class_labels(const Tensor& input, const Tensor& target, const
   STUNET_CHECK(r >= 2, "{}: {} must be [N, C, spatial...], got shape {}", op, input_name, input.shape());
   STUNET_CHECK(input.dtype() == DType::f32 || input.dtype() == DType::f64 ||
                    (input.device().is_cuda() && is_floating(input.dtype())),
-               "{}: {} must be float32 or float64 (or float16 / bfloat16 on CUDA), got {} on {} (shape {})", op,
-               input_name, input.dtype(), input.device(), input.shape());
+               "{}: {} must be float32 or float64{}, got {} (shape {})", op, input_name,
+               input.device().is_cuda() ? " (or float16 / bfloat16 on CUDA)" : "", input.dtype(), input.shape());
   STUNET_CHECK(input.device() == target.device(), "{}: {} of shape {} is on {} but target of shape {} on {}", op,
                input_name, input.shape(), input.device(), target.shape(), target.device());
   const std::int64_t N = input.size(0), C = input.size(1);
