@@ -18,8 +18,13 @@
 /// - work is queued on stunet::cuda::stream(device) (the context's stream);
 ///   entries that return a value to the host synchronise that stream;
 /// - the caller (the op) has checked shapes and dtypes; the entries check
-///   only what the host cannot (label values, launch errors).
+///   only what the host cannot (label values, launch errors);
+/// - an output may alias an input only where the entry says so (add, scale,
+///   leaky_relu and its backward, softmax forward y == x, softmax backward
+///   dx == g); dice_sums and cross_entropy_* expect labels already validated
+///   by class_labels.
 
+#include <cstddef>
 #include <cstdint>
 
 #include "stunet/core/dtype.hpp"
@@ -32,11 +37,24 @@ namespace detail {
 struct Loop5;  // core/tensor.hpp: a view's shape and strides padded to rank 5
 }  // namespace detail
 
+/// What the caching device allocator did (cuda/allocator.cuh), for tests
+/// and benchmarks compiled as plain C++.
+struct CudaAllocatorCounts {
+  std::size_t allocations = 0;     ///< requests served, all devices
+  std::size_t device_mallocs = 0;  ///< of those, cache misses that called cudaMalloc
+  std::size_t live_bytes = 0;      ///< handed out now on the device asked about
+  std::size_t cached_bytes = 0;    ///< freed and kept on that device
+};
+
 /// Function pointers to the CUDA kernels; all null until the CUDA headers
 /// register them (see the file comment).
 struct CudaKernels {
   /// Number of visible CUDA devices (0 without a GPU or driver; never throws).
   int (*device_count)() = nullptr;
+  /// Waits for all work queued on the device's context stream (timing).
+  void (*synchronize)(int device) = nullptr;
+  /// The caching allocator's counters for `device`.
+  CudaAllocatorCounts (*allocator_counts)(int device) = nullptr;
 
   // ---- tensor plumbing (tensor_ops.cuh) -----------------------------------
   /// dst[i] = convert(src[i]) over two strided views of one shape (Loop5 from

@@ -23,6 +23,11 @@ namespace detail {
 inline bool register_kernels() noexcept {
   CudaKernels& t = cuda_kernels();
   t.device_count = [] { return cuda::device_count(); };
+  t.synchronize = [](int device) { cuda::synchronize(device); };
+  t.allocator_counts = [](int device) {
+    const AllocatorStats s = allocator_stats(device);
+    return CudaAllocatorCounts{s.allocations, s.device_mallocs, s.live_bytes, s.cached_bytes};
+  };
   register_tensor_ops(t);
   register_elementwise(t);
   register_norm(t);

@@ -1,4 +1,6 @@
-// STU-Net on the GPU, through the same ops as on the host: the golden tiny
+// STU-Net on the GPU from plain C++ (g++, Eigen allowed: no CUDA header
+// here; the GPU is reached through the kernel table that the linked kernels
+// object fills), through the same ops as on the host: the golden tiny
 // model (PyTorch float64 outputs, DC+CE loss and every gradient) in float64,
 // float32 and mixed precision; training steps equal to the CPU's; no device
 // allocation in a steady-state step; float16 loss scaling skipping an
@@ -10,8 +12,18 @@
 #include <string>
 #include <vector>
 
+#include <filesystem>
+#include <memory>
+
+#include <unistd.h>
+
+#include <fmt/ranges.h>
+
 #include "../testing.hpp"
-#include "stunet/cuda/allocator.cuh"
+#include "stunet/data/phantoms.hpp"
+#include "stunet/data/preprocess.hpp"
+#include "stunet/train/trainer.hpp"
+#include "stunet/core/cuda_kernels.hpp"
 #include "stunet/io/safetensors.hpp"
 #include "stunet/nn/stunet.hpp"
 #include "stunet/ops/conv3d.hpp"
@@ -201,9 +213,9 @@ TEST_CASE("cuda model: a steady-state training step allocates no device memory")
   net.to(Device::cuda(0));
   optim::SGD sgd(net.named_parameters(), {.lr = 0.01});
   for (int i = 0; i < 2; ++i) train_step(net, sgd, tiny_batch(200 + static_cast<std::uint64_t>(i)), Device::cuda(0));
-  const auto before = stunet::cuda::allocator_stats(0);
+  const auto before = cuda_kernels().allocator_counts(0);
   for (int i = 2; i < 5; ++i) train_step(net, sgd, tiny_batch(200 + static_cast<std::uint64_t>(i)), Device::cuda(0));
-  const auto after = stunet::cuda::allocator_stats(0);
+  const auto after = cuda_kernels().allocator_counts(0);
   MESSAGE(fmt::format("3 steady steps: {} allocations served, {} reached cudaMalloc", after.allocations - before.allocations,
                       after.device_mallocs - before.device_mallocs));
   CHECK(after.allocations > before.allocations);  // the counter counts
@@ -237,4 +249,60 @@ TEST_CASE("cuda model: ops refuse tensors on different devices, naming them") {
   Tensor w = testing::random_tensor(Shape{3, 2, 3, 3, 3}, DType::f32, 2);  // host
   CHECK_THROWS_WITH_AS(conv3d(x, w), doctest::Contains("cuda:0"), stunet::Error);
   CHECK_THROWS_WITH_AS(add(x, x.to(Device::cpu())), doctest::Contains("devices differ"), stunet::Error);
+}
+
+TEST_CASE("cuda model: the Trainer on the GPU overfits one phantom case (fp32 and bf16), checkpoint and resume") {
+  // The CPU suite's overfitting test, run by train::Trainer with device cuda:0.
+  const data::PhantomTask task = data::PhantomTask::downstream;
+  const data::PhantomCase pc = data::generate_phantom(task, {24, 48, 48}, 1, 0);
+  data::PreprocessPlan plan;
+  plan.target_spacing = pc.image.spacing;
+  const data::PreprocessedCase pre = data::preprocess_case(pc.image, &pc.label, plan, 0);
+  auto cases = std::make_shared<std::vector<data::TrainingCase>>(
+      1, data::TrainingCase{"phantom", pre.data, pre.seg, pre.class_locations});
+  const int classes = static_cast<int>(data::phantom_labels(task).size());
+  const nn::STUNetConfig c{.in_channels = 1, .num_classes = classes, .depth = {1, 1, 1, 1, 1, 1},
+                           .dims = {8, 16, 32, 32, 32, 32},
+                           .pool = {nn::Int3{2, 2, 2}, nn::Int3{2, 2, 2}, nn::Int3{2, 2, 2}, nn::Int3{1, 2, 2},
+                                    nn::Int3{1, 1, 1}}};
+  for (DType precision : {DType::f32, DType::bf16}) {
+    CAPTURE(precision);
+    nn::STUNet net(c);
+    net.init_he(0);
+    train::TrainerOptions o;
+    o.epochs = 6;
+    o.iterations_per_epoch = 60;
+    o.validation_batches = 1;
+    o.lr = 0.1;
+    o.momentum = 0.9;
+    o.loader.batch_size = 1;
+    o.loader.patch = {24, 48, 48};
+    o.loader.workers = 0;
+    o.loader.augment = data::AugmentOptions::none();
+    o.progress = false;
+    o.device = Device::cuda(0);
+    o.compute_dtype = precision;
+    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                      fmt::format("stunet_cuda_trainer_{}_{}", dtype_name(precision), ::getpid());
+    o.output_dir = dir;
+    train::Trainer t(net, cases, cases, o);
+    CHECK(net.device() == Device::cuda(0));
+    const auto& history = t.fit();
+    REQUIRE(history.size() == 6u);
+    for (int k = 1; k < classes; ++k) CHECK(history.back().dice[static_cast<std::size_t>(k - 1)] > 0.9);
+    MESSAGE(fmt::format("GPU {} overfit, 360 steps: Dice {:.3f}", dtype_name(precision),
+                        fmt::join(history.back().dice, " ")));
+    // The checkpoint was written from device tensors; a fresh run resumes from it on the GPU.
+    nn::STUNet again(c);
+    train::TrainerOptions o2 = o;
+    o2.output_dir = dir / "resumed";
+    train::Trainer t2(again, cases, cases, o2);
+    t2.resume(dir / "checkpoint_latest.safetensors");
+    CHECK(t2.epoch() == 6);
+    double worst = 0;
+    const auto a = net.named_parameters(), b = again.named_parameters();
+    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, testing::max_abs_diff(a[i].second, b[i].second));
+    CHECK(worst == 0.0);
+    std::filesystem::remove_all(dir);
+  }
 }
