@@ -7,6 +7,7 @@
 
 #include <doctest/doctest.h>
 
+#include "../conv3d_cases.hpp"
 #include "../testing.hpp"
 
 #include <array>
@@ -26,58 +27,18 @@ using stunet::Tensor;
 
 namespace {
 
-struct Case {
-  const char* name;
-  Conv3dProblem p;
-};
+using Case = stunet::testing::Conv3dCase;
+constexpr auto make = stunet::testing::make_conv3d_problem;
 
-Conv3dProblem make(int N, int C, std::array<int, 3> in, int K, std::array<int, 3> kernel, std::array<int, 3> pad,
-                   std::array<int, 3> stride) {
-  Conv3dProblem p;
-  p.N = N;
-  p.C = C;
-  p.D = in[0];
-  p.H = in[1];
-  p.W = in[2];
-  p.K = K;
-  p.T = kernel[0];
-  p.R = kernel[1];
-  p.S = kernel[2];
-  p.pad_d = pad[0];
-  p.pad_h = pad[1];
-  p.pad_w = pad[2];
-  p.stride_d = stride[0];
-  p.stride_h = stride[1];
-  p.stride_w = stride[2];
-  return p;
-}
-
-/// The host emulation's problems (odd extents, strides 1 / 2 / (1,2,2),
-/// kernels 1 and 3, padding 0 / 1 / 3, both tiles, several M and N tiles and
-/// wgrad splits), plus two STU-Net-sized ones: a level-2 conv of STU-Net-S
-/// and a stride-2 downsampling conv into the wide tile.
+/// The host emulation's problems (conv3d_cases.hpp) plus two STU-Net-sized
+/// ones: a level-2 conv of STU-Net-S and a stride-2 downsampling conv into the
+/// wide tile.
 std::vector<Case> cases() {
-  const std::array<int, 3> odd{3, 5, 7}, k3{3, 3, 3}, k1{1, 1, 1}, p0{0, 0, 0}, p1{1, 1, 1}, s1{1, 1, 1},
-      s2{2, 2, 2}, s122{1, 2, 2};
-  return {
-      {"3x3x3 pad 1 stride 1", make(2, 3, odd, 4, k3, p1, s1)},
-      {"stem 3x3x3 from 1 channel to 32", make(2, 1, odd, 32, k3, p1, s1)},
-      {"3x3x3 pad 1 stride 2", make(2, 3, odd, 4, k3, p1, s2)},
-      {"3x3x3 pad 1 stride (1,2,2)", make(2, 3, odd, 4, k3, p1, s122)},
-      {"1x1x1 stride 1", make(2, 3, odd, 4, k1, p0, s1)},
-      {"1x1x1 stride 2", make(2, 3, odd, 4, k1, p0, s2)},
-      {"1x1x1 stride (1,2,2)", make(2, 3, odd, 4, k1, p0, s122)},
-      {"3x3x3 pad 0 stride 1", make(2, 3, odd, 4, k3, p0, s1)},
-      {"3x3x3 pad 0 stride 2", make(2, 3, odd, 4, k3, p0, s2)},
-      {"3x3x3 pad 3 stride 3", make(1, 2, {5, 4, 3}, 3, k3, {3, 3, 3}, {3, 3, 3})},
-      {"kernel (3,2,3) pad (0,1,1) stride (1,3,2)", make(1, 2, {4, 7, 6}, 3, {3, 2, 3}, {0, 1, 1}, {1, 3, 2})},
-      {"wide tile C=33 K=37", make(1, 33, {3, 4, 5}, 37, k3, p1, s1)},
-      {"two N tiles C=70 K=70 stride 2", make(1, 70, {4, 5, 3}, 70, k3, p1, s2)},
-      {"1x1x1 head to 105 classes", make(2, 8, {2, 3, 5}, 105, k1, p0, s1)},
-      {"several M tiles and splits", make(2, 2, {6, 9, 11}, 5, k3, p1, s1)},
-      {"STU-Net size: N=2 32->32 at 32^3", make(2, 32, {32, 32, 32}, 32, k3, p1, s1)},
-      {"STU-Net size: N=2 32->64 at 32^3 stride 2", make(2, 32, {32, 32, 32}, 64, k3, p1, s2)},
-  };
+  std::vector<Case> c = stunet::testing::conv3d_cases();
+  c.push_back({"STU-Net size: N=2 32->32 at 32^3", make(2, 32, {32, 32, 32}, 32, {3, 3, 3}, {1, 1, 1}, {1, 1, 1})});
+  c.push_back({"STU-Net size: N=2 32->64 at 32^3 stride 2",
+               make(2, 32, {32, 32, 32}, 64, {3, 3, 3}, {1, 1, 1}, {2, 2, 2})});
+  return c;
 }
 
 Shape input_shape(const Conv3dProblem& p) { return Shape{p.N, p.C, p.D, p.H, p.W}; }
